@@ -1,0 +1,53 @@
+//! Kernel-shaped facts and thin syscall wrappers for [`page-pipe`].
+//!
+//! This crate is the only one in the workspace that makes system calls. It owns:
+//!
+//! - [`PipeBuffer`], a `#[repr(C)]` mirror of the kernel's `struct pipe_buffer`, whose size
+//!   decides how many slots a pipe may have before its slot array needs a costly
+//!   allocation ([`pipe_max_size_pages`]);
+//! - the pipe sizing math as `const fn`s that cite the kernel functions they mirror
+//!   ([`round_pipe_size`], [`pipe_max_size_pages`]);
+//! - the pipe limits in force on this machine, read once into [`PipeLimits`];
+//! - wrappers over [`rustix::pipe`] that make a pipe, read and set its capacity, and move an
+//!   exact number of bytes with `vmsplice`, `splice`, `tee` and `write`, looping on short
+//!   transfers and `EINTR` and reporting how far they got when they stop early ([`Partial`]);
+//! - a run-time [`probe`](probe_vmsplice) that tells whether `vmsplice` references pages or
+//!   copies them on this kernel, and whether `SPLICE_F_GIFT` is accepted.
+//!
+//! Every wrapper returns [`rustix::io::Result`] or, where a transfer can stop half way,
+//! [`Partial`]. Nothing here keeps state beyond the cached [`PipeLimits`].
+//!
+//! ```
+//! use page_pipe_sys::{pipe_max_size_pages, PIPE_BUFFER_SIZE};
+//!
+//! // The slot array of a pipe must fit an order-3 allocation (32 KiB at 4 KiB pages).
+//! assert_eq!(PIPE_BUFFER_SIZE, 40);
+//! assert_eq!(pipe_max_size_pages(4096), 819);
+//! ```
+//!
+//! [`page-pipe`]: https://docs.rs/page-pipe
+#![cfg(target_os = "linux")]
+#![deny(missing_docs, missing_debug_implementations)]
+
+mod layout;
+mod limits;
+mod pipe;
+mod probe;
+mod sizing;
+
+pub use layout::{PIPE_BUFFER_SIZE, PipeBuffer};
+pub use limits::{PipeLimits, page_size};
+pub use pipe::{
+    Partial, Pipe, Stopped, pipe, pipe_capacity, set_pipe_capacity, splice_exact, tee_exact,
+    vmsplice_all, write_exact,
+};
+pub use probe::{GiftSupport, VmspliceMode, VmspliceProbe, probe_vmsplice};
+pub use sizing::{
+    NR_PIPES_PER_CHUNK, PAGE_ALLOC_COSTLY_ORDER, PIPE_DEF_BUFFERS, PIPE_MIN_DEF_BUFFERS,
+    PIPE_SIZE_LIMIT, UIO_MAXIOV, pipe_max_size_pages, round_pipe_size,
+};
+
+/// Re-exported from rustix: the error numbers every wrapper reports.
+pub use rustix::io::{Errno, Result};
+/// Re-exported from rustix: flags for `splice`, `vmsplice` and `tee`.
+pub use rustix::pipe::SpliceFlags;

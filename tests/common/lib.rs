@@ -1,0 +1,171 @@
+//! Helpers shared by the end-to-end tests: open file descriptor counts, running a test
+//! again as an unprivileged user, and the paths of committed fixtures.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The number of file descriptors this process has open (entries of `/proc/self/fd`).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .count()
+}
+
+/// The environment variable that marks a test process re-run as an unprivileged user.
+pub const AS_NOBODY: &str = "PAGE_PIPE_TEST_AS_NOBODY";
+
+/// The environment variable that marks a test process re-run alone.
+pub const ALONE: &str = "PAGE_PIPE_TEST_ALONE";
+
+/// Runs the test `name` of the current test binary again in a process of its own, and
+/// returns `true` there; in the parent it asserts the re-run passed and returns `false`.
+///
+/// Tests that count the open file descriptors of the process call this first, so that
+/// tests running in parallel threads cannot disturb the count.
+pub fn alone(name: &str) -> bool {
+    if std::env::var_os(ALONE).is_some() || std::env::var_os(AS_NOBODY).is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let out = Command::new(&exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(ALONE, "1")
+        .output()
+        .expect("re-run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name} failed when run alone:\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    eprint!("{stderr}");
+    false
+}
+
+/// What [`unprivileged`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unprivileged {
+    /// This process is the unprivileged re-run: run the test body.
+    RunBody,
+    /// The re-run happened and passed; the caller returns.
+    Passed,
+    /// No unprivileged user could be had; the reason was printed.
+    Skipped,
+}
+
+/// Runs the test `name` of the current test binary again as user and group 65534
+/// (`nobody`) with `setpriv`, and asserts it passed.
+///
+/// Call it first thing in a test: in the unprivileged re-run it returns
+/// [`Unprivileged::RunBody`] and the test goes on with its body; in the parent it waits for
+/// the re-run and returns [`Unprivileged::Passed`]. Where the re-run cannot be arranged
+/// (not root, no `setpriv`, the test binary not readable by `nobody`) it prints why and
+/// returns [`Unprivileged::Skipped`].
+pub fn unprivileged(name: &str) -> Unprivileged {
+    if std::env::var_os(AS_NOBODY).is_some() {
+        return Unprivileged::RunBody;
+    }
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED {name}: not root, so cannot switch to an unprivileged user");
+        return Unprivileged::Skipped;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .arg(&exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(AS_NOBODY, "1")
+        .current_dir("/")
+        .output();
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("SKIPPED {name}: cannot run setpriv: {e}");
+            return Unprivileged::Skipped;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success()
+        && (stderr.contains("Permission denied") || stderr.contains("cannot execute"))
+        && !stdout.contains("running 1 test")
+    {
+        eprintln!(
+            "SKIPPED {name}: user nobody cannot run {}: {stderr}",
+            exe.display()
+        );
+        return Unprivileged::Skipped;
+    }
+    assert!(
+        out.status.success(),
+        "{name} failed as user nobody:\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "{name} did not run as user nobody:\n{stdout}\n{stderr}"
+    );
+    eprint!("{stderr}");
+    Unprivileged::Passed
+}
+
+/// Lowers this process's `RLIMIT_NOFILE` (soft and hard) to `n`.
+pub fn limit_open_files(n: u64) {
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(n),
+            maximum: Some(n),
+        },
+    )
+    .expect("setrlimit(RLIMIT_NOFILE)");
+}
+
+/// The folder of committed test fixtures.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// A buffer of `pages` whole pages that starts on a page boundary, with the page size.
+#[derive(Debug)]
+pub struct AlignedPages {
+    backing: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedPages {
+    /// `pages` zeroed pages.
+    pub fn new(pages: usize) -> Self {
+        let ps = page_pipe_sys::page_size().get();
+        let backing = vec![0u8; (pages + 1) * ps];
+        let start = backing.as_ptr().align_offset(ps);
+        Self {
+            backing,
+            start,
+            len: pages * ps,
+        }
+    }
+
+    /// The pages.
+    pub fn bytes(&self) -> &[u8] {
+        &self.backing[self.start..self.start + self.len]
+    }
+
+    /// The pages, to change.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.backing[self.start..self.start + self.len]
+    }
+}
+
+/// Fills `buf` with a pattern that differs from page to page and from `seed` to `seed`.
+pub fn fill_pattern(buf: &mut [u8], seed: u8) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(7) ^ ((i >> 12) as u8).wrapping_mul(13) ^ seed;
+    }
+}
