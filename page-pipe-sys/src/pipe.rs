@@ -68,6 +68,24 @@ pub fn set_pipe_capacity(fd: impl AsFd, bytes: usize) -> Result<usize> {
     rustix::pipe::fcntl_setpipe_size(fd, bytes)
 }
 
+/// `ioctl(fd, FIONREAD)`: the bytes waiting to be read from the pipe.
+///
+/// ```
+/// let p = page_pipe_sys::pipe()?;
+/// page_pipe_sys::write_exact(&p.write, b"four").unwrap();
+/// assert_eq!(page_pipe_sys::pipe_bytes(&p.read)?, 4);
+/// # Ok::<(), page_pipe_sys::Errno>(())
+/// ```
+///
+/// # Errors
+/// `EBADF`, `ENOTTY` for a descriptor that is not a pipe or file.
+///
+/// # References
+/// - [`pipe(7)`](https://man7.org/linux/man-pages/man7/pipe.7.html), "I/O on pipes and FIFOs"
+pub fn pipe_bytes(fd: impl AsFd) -> Result<usize> {
+    rustix::io::ioctl_fionread(fd).map(|n| n as usize)
+}
+
 /// Why a transfer stopped before moving all it was asked to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {

@@ -1,2 +1,38 @@
-//! Zero-copy page capture on Linux.
+//! Zero-copy page capture on Linux: CRIU's page-pipe as a Rust crate.
+//!
+//! A [`PagePipe`] records pages ("page at address A, with flags F") as runs in bufs, each
+//! buf a segment of a pipe, and holes (pages left out, e.g. because a parent snapshot has
+//! them) apart from them, using as few runs and pipes as CRIU does. The rules it follows
+//! are listed in [`page_pipe`]; the builder and its type states in [`builder`].
+//!
+//! ```
+//! use page_pipe::{BufFlags, HoleFlags, PagePipe};
+//! let mut pp = PagePipe::builder().iov_budget(1024).build()?;
+//! pp.add_pages(0x7f00_0000_0000, 300, BufFlags::empty())?;
+//! pp.add_holes(0x7f00_0012_c000, 4, HoleFlags::PARENT)?;
+//! pp.add_page(0x7f00_0013_0000, BufFlags::LAZY)?;
+//! assert_eq!(pp.stats().pages, 301);
+//! println!("{pp:?}");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! The bookkeeping makes and grows pipes only through a [`PipeBackend`]: [`KernelPipes`]
+//! for real pipes, [`FakePipes`] for an in-memory stand-in that fails on demand. The
+//! [`model`] module holds a pure model of the same rules that the tests compare against.
 #![deny(missing_docs, missing_debug_implementations)]
+#![deny(unsafe_code)]
+
+mod backend;
+pub mod builder;
+pub mod model;
+pub mod page_pipe;
+mod types;
+
+pub use backend::{FakeKernel, FakePipe, FakePipes, KernelPipes, PipeBackend, PipePool};
+pub use builder::{
+    BuildError, Builder, CallerIovs, ChunkMode, IovStore, Mode, NoIovs, OwnIovs, SinglePass,
+};
+pub use page_pipe::{
+    AddError, BufId, BufView, Entries, Notation, PagePipe, PipeId, Progress, Stats, UnknownBuf,
+};
+pub use types::{BufFlags, Entry, Hole, HoleFlags, Run};

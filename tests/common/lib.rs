@@ -169,3 +169,66 @@ pub fn fill_pattern(buf: &mut [u8], seed: u8) {
         *b = (i as u8).wrapping_mul(7) ^ ((i >> 12) as u8).wrapping_mul(13) ^ seed;
     }
 }
+
+/// Proptest strategies for page pipe configurations and operation sequences.
+pub mod strategies {
+    use page_pipe::FakeKernel;
+    use page_pipe::model::{Config, Op};
+    use proptest::prelude::*;
+
+    /// One operation; mostly adds, with releases, re-inits and bad addresses mixed in.
+    pub fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u64..4, 1u64..80, any::<bool>())
+                .prop_map(|(gap, n, lazy)| Op::Pages { gap, n, lazy }),
+            3 => (0u64..3, 1u64..20, any::<bool>())
+                .prop_map(|(gap, n, parent)| Op::Holes { gap, n, parent }),
+            1 => any::<usize>().prop_map(|nth| Op::Release { nth }),
+            1 => Just(Op::Reinit),
+            1 => (1u64..8192).prop_map(|off| Op::Unaligned { off }),
+            1 => (1u64..8).prop_map(|back| Op::Backwards { back }),
+        ]
+    }
+
+    /// A fake kernel with small pipes and failures at chosen calls.
+    pub fn fake_kernel() -> impl Strategy<Value = FakeKernel> {
+        (
+            1u64..=16,
+            0u32..=8,
+            proptest::option::weighted(0.2, 0u64..8),
+            proptest::collection::btree_set(0u64..24, 0..3),
+            proptest::collection::btree_set(0u64..48, 0..4),
+        )
+            .prop_map(|(def, max, tiny, fm, fr)| {
+                let mut k = FakeKernel::new(4096);
+                k.default_pages = def;
+                k.max_pages = 1 << max;
+                k.tiny_after = tiny;
+                k.fail_make = fm;
+                k.fail_resize = fr;
+                k
+            })
+    }
+
+    /// A configuration over `kernel`.
+    pub fn config(kernel: impl Strategy<Value = FakeKernel>) -> impl Strategy<Value = Config> {
+        (
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            prop_oneof![1usize..12, 12usize..200],
+            proptest::option::weighted(0.3, 1u64..300),
+            kernel,
+        )
+            .prop_map(
+                |(chunk, lazy_pages, caller_iovs, budget, max, kernel)| Config {
+                    chunk,
+                    lazy_pages,
+                    caller_iovs,
+                    budget,
+                    max_pipe_pages: max,
+                    kernel,
+                },
+            )
+    }
+}

@@ -1,0 +1,924 @@
+//! A pure model of the page pipe's rules, and the checker that compares a real page pipe
+//! with it.
+//!
+//! The [`Model`] keeps no file descriptors and adds pages strictly one at a time, as
+//! CRIU's `page_pipe_add_page` does; pipe answers come from a [`FakeKernel`]. It is the
+//! reference the property tests, the fuzz target and the integration tests hold the real
+//! [`PagePipe`] to: [`run_ops`] applies the same [`Op`]s to both and compares every
+//! observable after every step ([`compare`]), and [`check_invariants`] checks what must
+//! hold of any page pipe.
+//!
+//! ```
+//! use page_pipe::model::{run_ops, Config, Model, Op};
+//! use page_pipe::{FakeKernel, FakePipes, PagePipe};
+//! let cfg = Config { budget: 8, ..Config::new(FakeKernel::new(4096)) };
+//! let mut model = Model::new(cfg.clone()).unwrap();
+//! let mut pp = PagePipe::builder()
+//!     .iov_budget(cfg.budget)
+//!     .build_with(FakePipes::new(cfg.kernel.clone()))?;
+//! let ops = [Op::Pages { gap: 0, n: 40, lazy: false }, Op::Holes { gap: 1, n: 2, parent: true }];
+//! run_ops(&mut pp, &mut model, &ops, 0x10000).unwrap();
+//! # Ok::<(), page_pipe::BuildError>(())
+//! ```
+
+use std::collections::BTreeMap;
+
+use page_pipe_sys::{Errno, NR_PIPES_PER_CHUNK, pipe_max_size_pages};
+
+use crate::backend::{FakeKernel, PipeBackend};
+use crate::builder::{IovStore, Mode};
+use crate::page_pipe::{AddError, Outcome, PagePipe, Stats};
+use crate::types::{BufFlags, Hole, HoleFlags, Run};
+
+/// How a page pipe (and its model) is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Chunk mode.
+    pub chunk: bool,
+    /// Lazy pages on.
+    pub lazy_pages: bool,
+    /// The iov budget.
+    pub budget: usize,
+    /// [`Builder::max_pipe_pages`](crate::Builder::max_pipe_pages), if set.
+    pub max_pipe_pages: Option<u64>,
+    /// Runs kept in caller-provided storage ([`CallerIovs`](crate::CallerIovs)) rather
+    /// than [`OwnIovs`](crate::OwnIovs).
+    pub caller_iovs: bool,
+    /// The kernel's answers.
+    pub kernel: FakeKernel,
+}
+
+impl Config {
+    /// Single-pass mode, lazy pages off, a budget of 1024 runs, default pipe sizing.
+    pub fn new(kernel: FakeKernel) -> Self {
+        Self {
+            chunk: false,
+            lazy_pages: false,
+            budget: 1024,
+            max_pipe_pages: None,
+            caller_iovs: false,
+            kernel,
+        }
+    }
+
+    /// Decodes a configuration from the front of `data`, consuming what it used. Every
+    /// byte string decodes to some configuration, with a 4 KiB page size.
+    pub fn decode(data: &mut &[u8]) -> Config {
+        let mut byte = || {
+            let (&b, rest) = data.split_first().unwrap_or((&0, &[]));
+            *data = rest;
+            b
+        };
+        let (mode, budget, max, def, limit) = (byte(), byte(), byte(), byte(), byte());
+        let (fails, f1, f2) = (byte(), byte(), byte());
+        let mut kernel = FakeKernel::new(4096);
+        kernel.default_pages = u64::from(def % 16) + 1;
+        kernel.max_pages = 1 << (limit % 9);
+        kernel.tiny_after = (mode & 0x10 != 0).then_some(u64::from(limit >> 4));
+        if fails & 1 != 0 {
+            kernel.fail_make.insert(u64::from(f1 % 32));
+        }
+        if fails & 2 != 0 {
+            kernel.fail_resize.insert(u64::from(f2 % 64));
+        }
+        Config {
+            chunk: mode & 1 != 0,
+            lazy_pages: mode & 2 != 0,
+            caller_iovs: mode & 4 != 0,
+            budget: usize::from(budget % 48) + 1,
+            max_pipe_pages: (mode & 8 != 0).then_some(u64::from(max) + 1),
+            kernel,
+        }
+    }
+}
+
+/// A buf of the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelBuf {
+    /// Flags.
+    pub flags: BufFlags,
+    /// The pipe's number.
+    pub pipe: u64,
+    /// Offset in the pipe, in pages.
+    pub pipe_off: u64,
+    /// Runs.
+    pub runs: Vec<Run>,
+    /// Not released.
+    pub live: bool,
+}
+
+impl ModelBuf {
+    /// Pages in the buf.
+    pub fn pages(&self) -> u64 {
+        self.runs.iter().map(|r| r.pages).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ModelPipe {
+    capacity: u64,
+    users: u32,
+}
+
+/// The model: CRIU's rules, one page at a time, no file descriptors.
+#[derive(Debug, Clone)]
+pub struct Model {
+    cfg: Config,
+    kernel: FakeKernel,
+    page_size: u64,
+    cap: u64,
+    /// Bufs in order, released ones included (marked not live).
+    pub bufs: Vec<ModelBuf>,
+    free: Vec<ModelBuf>,
+    /// Holes in order.
+    pub holes: Vec<Hole>,
+    pipes: BTreeMap<u64, ModelPipe>,
+    prev: [Option<usize>; 2],
+    runs_used: usize,
+    refused_from: u64,
+    cursor: Option<u64>,
+    /// Counters, as [`PagePipe::stats`].
+    pub stats: Stats,
+}
+
+/// Why a model could not be made (mirrors [`BuildError`](crate::BuildError)).
+pub type ModelBuildError = AddError;
+
+enum Step {
+    Added,
+    Full,
+}
+
+impl Model {
+    /// A model set up as `cfg`; it makes its first buf and pipe at once, as a page pipe
+    /// does.
+    ///
+    /// # Errors
+    /// The error of the first pipe, with address 0.
+    pub fn new(cfg: Config) -> Result<Self, ModelBuildError> {
+        let ps = cfg.kernel.page_size.get() as u64;
+        let cap = cfg
+            .max_pipe_pages
+            .unwrap_or(pipe_max_size_pages(ps as usize) as u64)
+            .min(cfg.kernel.max_pages)
+            .max(1);
+        let mut m = Self {
+            kernel: cfg.kernel.clone(),
+            page_size: ps,
+            cap,
+            cfg,
+            bufs: Vec::new(),
+            free: Vec::new(),
+            holes: Vec::new(),
+            pipes: BTreeMap::new(),
+            prev: [None; 2],
+            runs_used: 0,
+            refused_from: u64::MAX,
+            cursor: None,
+            stats: Stats::default(),
+        };
+        m.grow(BufFlags::empty()).map_err(|e| e(0, 0))?;
+        Ok(m)
+    }
+
+    /// Pipes open now.
+    pub fn open_pipes(&self) -> usize {
+        self.pipes.len()
+    }
+
+    /// The kernel stand-in, with its call counters.
+    pub fn kernel(&self) -> &FakeKernel {
+        &self.kernel
+    }
+
+    fn check(&self, addr: u64, n: u64) -> Result<(), AddError> {
+        if addr % self.page_size != 0 {
+            return Err(AddError::Unaligned {
+                addr,
+                page_size: self.page_size as usize,
+            });
+        }
+        if let Some(min) = self.cursor
+            && addr < min
+        {
+            return Err(AddError::OutOfOrder { addr, min });
+        }
+        if (addr as u128) + (n as u128) * (self.page_size as u128) > u64::MAX as u128 {
+            return Err(AddError::Overflow { addr, pages: n });
+        }
+        Ok(())
+    }
+
+    /// Adds `n` pages from `addr` one at a time.
+    ///
+    /// # Errors
+    /// As [`PagePipe::add_pages`].
+    pub fn add_pages(&mut self, addr: u64, n: u64, flags: BufFlags) -> Result<Progress, AddError> {
+        self.check(addr, n)?;
+        for i in 0..n {
+            let a = addr + i * self.page_size;
+            match self.add_page(a, flags) {
+                Ok(Step::Added) => {}
+                Ok(Step::Full) => return Ok(Progress::Full { added: i }),
+                Err(e) => return Err(e(a, i)),
+            }
+        }
+        Ok(Progress::Done)
+    }
+
+    /// CRIU's `page_pipe_add_page`.
+    fn add_page(&mut self, a: u64, flags: BufFlags) -> Result<Step, ErrAt> {
+        if self.try_add(a, flags)? {
+            return Ok(Step::Added);
+        }
+        if self.runs_used >= self.cfg.budget {
+            return Err(budget_err(self.cfg.budget));
+        }
+        if !self.grow(flags)? {
+            return Ok(Step::Full);
+        }
+        assert!(self.try_add(a, flags)?, "a new buf takes the page");
+        Ok(Step::Added)
+    }
+
+    fn last_live(&self) -> Option<usize> {
+        self.bufs
+            .last()
+            .filter(|b| b.live)
+            .map(|_| self.bufs.len() - 1)
+    }
+
+    /// CRIU's `try_add_page`: `Ok(false)` when a new buf is needed.
+    fn try_add(&mut self, a: u64, flags: BufFlags) -> Result<bool, ErrAt> {
+        let Some(i) = self.last_live() else {
+            return Ok(false);
+        };
+        if self.bufs[i].flags != flags || !self.has_room(i) {
+            return Ok(false);
+        }
+        let ps = self.page_size;
+        let b = &mut self.bufs[i];
+        match b.runs.last_mut() {
+            Some(r) if r.vaddr + r.pages * ps == a => r.pages += 1,
+            _ => {
+                if self.runs_used >= self.cfg.budget {
+                    return Err(budget_err(self.cfg.budget));
+                }
+                b.runs.push(Run::new(a, 1));
+                self.runs_used += 1;
+            }
+        }
+        self.stats.pages += 1;
+        self.cursor = Some(a + ps);
+        Ok(true)
+    }
+
+    /// CRIU's `ppb_resize_pipe`: whether buf `i`'s pipe has room after it, growing it if
+    /// needed.
+    fn has_room(&mut self, i: usize) -> bool {
+        let b = &self.bufs[i];
+        let used = b.pipe_off + b.pages();
+        let pipe = b.pipe;
+        let cap = self.pipes[&pipe].capacity;
+        if used < cap {
+            return true;
+        }
+        if cap >= self.cap {
+            return false;
+        }
+        let want = (cap * 2).min(self.cap);
+        if want >= self.refused_from {
+            return false;
+        }
+        match self.kernel.resize(cap, want) {
+            Ok(g) if g > cap => {
+                self.pipes.get_mut(&pipe).unwrap().capacity = g;
+                self.stats.resizes += 1;
+                g > used
+            }
+            _ => {
+                self.refused_from = want;
+                self.stats.resizes_refused += 1;
+                false
+            }
+        }
+    }
+
+    /// CRIU's `page_pipe_grow`: `Ok(false)` when chunk mode is full.
+    fn grow(&mut self, flags: BufFlags) -> Result<bool, ErrAt> {
+        if let Some(mut b) = self.free.pop() {
+            b.flags = flags;
+            b.runs.clear();
+            b.live = true;
+            self.bufs.push(b);
+            self.stats.bufs += 1;
+            return Ok(true);
+        }
+        if self.cfg.chunk && self.pipes.len() == NR_PIPES_PER_CHUNK {
+            return Ok(false);
+        }
+        let ty = usize::from(self.cfg.lazy_pages && flags.contains(BufFlags::LAZY));
+        let mut shared = None;
+        if !self.cfg.chunk
+            && let Some(p) = self.prev[ty]
+            && self.bufs[p].live
+            && self.has_room(p)
+        {
+            shared = Some(p);
+        }
+        let (pipe, pipe_off) = match shared {
+            Some(p) => {
+                let prev = &self.bufs[p];
+                self.pipes.get_mut(&prev.pipe).unwrap().users += 1;
+                (prev.pipe, prev.pipe_off + prev.pages())
+            }
+            None => {
+                let capacity = self.kernel.make().map_err(make_err)?;
+                let expected = self.kernel.default_pages;
+                if capacity < expected {
+                    return Err(Box::new(move |addr, added| AddError::PipeLimit {
+                        addr,
+                        capacity,
+                        expected,
+                        added,
+                    }));
+                }
+                let id = self.stats.pipes_made;
+                self.stats.pipes_made += 1;
+                self.pipes.insert(id, ModelPipe { capacity, users: 1 });
+                (id, 0)
+            }
+        };
+        self.bufs.push(ModelBuf {
+            flags,
+            pipe,
+            pipe_off,
+            runs: Vec::new(),
+            live: true,
+        });
+        self.prev[ty] = Some(self.bufs.len() - 1);
+        self.stats.bufs += 1;
+        Ok(true)
+    }
+
+    /// Adds a hole of `n` pages from `addr`, one page at a time.
+    ///
+    /// # Errors
+    /// An address error.
+    pub fn add_holes(&mut self, addr: u64, n: u64, flags: HoleFlags) -> Result<(), AddError> {
+        self.check(addr, n)?;
+        for i in 0..n {
+            let a = addr + i * self.page_size;
+            match self.holes.last_mut() {
+                Some(h) if h.flags == flags && h.vaddr + h.pages * self.page_size == a => {
+                    h.pages += 1
+                }
+                _ => {
+                    self.holes.push(Hole::new(a, 1, flags));
+                    self.stats.holes += 1;
+                }
+            }
+            self.stats.hole_pages += 1;
+            self.cursor = Some(a + self.page_size);
+        }
+        Ok(())
+    }
+
+    /// Releases the `nth` live buf (counting from 0, modulo the number of live bufs);
+    /// returns its position, or `None` when no buf is live.
+    pub fn release_nth(&mut self, nth: usize) -> Option<usize> {
+        let live: Vec<usize> = (0..self.bufs.len())
+            .filter(|&i| self.bufs[i].live)
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        let i = live[nth % live.len()];
+        self.bufs[i].live = false;
+        for p in &mut self.prev {
+            if *p == Some(i) {
+                *p = None;
+            }
+        }
+        let pipe = self.bufs[i].pipe;
+        let e = self.pipes.get_mut(&pipe).unwrap();
+        e.users -= 1;
+        if e.users == 0 {
+            self.pipes.remove(&pipe);
+        }
+        Some(live.iter().position(|&x| x == i).unwrap())
+    }
+
+    /// CRIU's `page_pipe_reinit`.
+    pub fn reinit(&mut self) {
+        assert!(self.cfg.chunk, "re-init is for chunk mode");
+        for b in std::mem::take(&mut self.bufs) {
+            if b.live {
+                self.free.push(b);
+            }
+        }
+        self.holes.clear();
+        self.runs_used = 0;
+        self.prev = [None; 2];
+        if let Some(mut b) = self.free.pop() {
+            b.flags = BufFlags::empty();
+            b.runs.clear();
+            b.live = true;
+            self.bufs.push(b);
+            self.stats.bufs += 1;
+        }
+    }
+}
+
+type ErrAt = Box<dyn FnOnce(u64, u64) -> AddError>;
+
+fn budget_err(budget: usize) -> ErrAt {
+    Box::new(move |addr, added| AddError::IovBudget {
+        addr,
+        budget,
+        added,
+    })
+}
+
+fn make_err(errno: Errno) -> ErrAt {
+    Box::new(move |addr, added| AddError::MakePipe { addr, errno, added })
+}
+
+/// The outcome of a model add, as [`crate::Progress`] in either mode.
+pub type Progress = crate::Progress;
+
+/// Compares every observable of a page pipe with the model: its live bufs (flags, runs,
+/// pages, pipe offset, capacity, pipe), holes, counters, open pipes, free list, runs used
+/// and next address.
+///
+/// # Errors
+/// A description of the first difference.
+pub fn compare<M: Mode, I: IovStore, B: PipeBackend>(
+    pp: &PagePipe<M, I, B>,
+    model: &Model,
+) -> Result<(), String> {
+    let real: Vec<_> = pp
+        .bufs()
+        .map(|b| {
+            (
+                b.flags,
+                b.runs.to_vec(),
+                b.pages,
+                b.pipe_off,
+                b.capacity,
+                b.pipe.0,
+            )
+        })
+        .collect();
+    let want: Vec<_> = model
+        .bufs
+        .iter()
+        .filter(|b| b.live)
+        .map(|b| {
+            let cap = model.pipes[&b.pipe].capacity;
+            (b.flags, b.runs.clone(), b.pages(), b.pipe_off, cap, b.pipe)
+        })
+        .collect();
+    if real != want {
+        return Err(format!("bufs differ:\n real  {real:?}\n model {want:?}"));
+    }
+    if pp.holes() != model.holes.as_slice() {
+        return Err(format!(
+            "holes differ:\n real  {:?}\n model {:?}",
+            pp.holes(),
+            model.holes
+        ));
+    }
+    let pairs = [
+        (
+            "stats",
+            format!("{:?}", pp.stats()),
+            format!("{:?}", model.stats),
+        ),
+        (
+            "open pipes",
+            pp.open_pipes().to_string(),
+            model.open_pipes().to_string(),
+        ),
+        (
+            "free bufs",
+            pp.free_bufs().to_string(),
+            model.free.len().to_string(),
+        ),
+        (
+            "runs used",
+            pp.runs_used().to_string(),
+            model.runs_used.to_string(),
+        ),
+        (
+            "next address",
+            format!("{:?}", pp.next_addr()),
+            format!("{:?}", model.cursor),
+        ),
+    ];
+    for (what, r, m) in pairs {
+        if r != m {
+            return Err(format!("{what} differ: real {r}, model {m}"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the invariants of a page pipe, from its internals:
+///
+/// - each buf's page count is the sum of its runs; no two consecutive runs of a buf are
+///   contiguous; all runs ascend and do not overlap;
+/// - holes ascend, do not overlap runs or each other, and two contiguous holes differ in
+///   flags;
+/// - bufs that share a pipe sit back to back from offset 0, within its capacity;
+/// - the runs used are within the iov budget; chunk mode has at most 8 pipes open and no
+///   shared pipe; with lazy pages, lazy and plain bufs never share a pipe;
+/// - each open pipe's user count is the number of bufs (live or free) on it.
+///
+/// # Errors
+/// A description of the first broken invariant.
+pub fn check_invariants<M: Mode, I: IovStore, B: PipeBackend>(
+    pp: &PagePipe<M, I, B>,
+) -> Result<(), String> {
+    let ps = pp.page_size() as u64;
+    let runs = pp.iovs.runs();
+    if runs.len() > pp.iov_budget() {
+        return Err(format!(
+            "{} runs exceed the budget {}",
+            runs.len(),
+            pp.iov_budget()
+        ));
+    }
+    // Spans of runs and holes, to check order and overlap together.
+    let mut spans: Vec<(u64, u64, &str)> = Vec::new();
+    let mut on_pipe: BTreeMap<u64, Vec<(u64, u64, bool, bool)>> = BTreeMap::new();
+    for (i, b) in pp.bufs.iter().enumerate() {
+        let mine = &runs[b.first_run..b.first_run + b.nr_runs];
+        let sum: u64 = mine.iter().map(|r| r.pages).sum();
+        if sum != b.pages {
+            return Err(format!(
+                "buf {i}: {} pages but its runs hold {sum}",
+                b.pages
+            ));
+        }
+        for w in mine.windows(2) {
+            if w[0].vaddr + w[0].pages * ps == w[1].vaddr {
+                return Err(format!(
+                    "buf {i}: runs {:?} and {:?} are contiguous",
+                    w[0], w[1]
+                ));
+            }
+        }
+        if mine.iter().any(|r| r.pages == 0) {
+            return Err(format!("buf {i}: an empty run"));
+        }
+        if b.live {
+            spans.extend(
+                mine.iter()
+                    .map(|r| (r.vaddr, r.vaddr + r.pages * ps, "run")),
+            );
+        }
+        let lazy = pp.lazy_pages() && b.flags.contains(BufFlags::LAZY);
+        on_pipe
+            .entry(b.serial)
+            .or_default()
+            .push((b.pipe_off, b.pages, lazy, b.live));
+    }
+    spans.extend(
+        pp.holes()
+            .iter()
+            .map(|h| (h.vaddr, h.vaddr + h.pages * ps, "hole")),
+    );
+    spans.sort();
+    for w in spans.windows(2) {
+        if w[0].1 > w[1].0 {
+            return Err(format!(
+                "{} {:#x}..{:#x} overlaps {} {:#x}..{:#x}",
+                w[0].2, w[0].0, w[0].1, w[1].2, w[1].0, w[1].1
+            ));
+        }
+    }
+    for w in pp.holes().windows(2) {
+        if w[0].vaddr >= w[1].vaddr {
+            return Err(format!("holes out of order: {:?} {:?}", w[0], w[1]));
+        }
+        if w[0].flags == w[1].flags && w[0].end(ps as usize) == w[1].vaddr {
+            return Err(format!(
+                "holes {:?} and {:?} should have coalesced",
+                w[0], w[1]
+            ));
+        }
+    }
+    let mut open = 0;
+    for (slot, s) in pp.pipes.iter().enumerate() {
+        let Some(s) = s else { continue };
+        open += 1;
+        let bufs = on_pipe.get(&s.serial).map(Vec::as_slice).unwrap_or(&[]);
+        let free = pp.free.iter().filter(|b| b.slot == slot).count();
+        let users = bufs.iter().filter(|b| b.3).count() + free;
+        if users != s.users as usize {
+            return Err(format!(
+                "pipe {}: {} users counted, {users} bufs on it",
+                s.serial, s.users
+            ));
+        }
+        let mut end = 0;
+        for &(off, pages, _, _) in bufs {
+            if off != end {
+                return Err(format!(
+                    "pipe {}: a buf starts at {off}, the previous ended at {end}",
+                    s.serial
+                ));
+            }
+            end = off + pages;
+        }
+        if end > s.capacity {
+            return Err(format!(
+                "pipe {}: {end} pages in a capacity of {}",
+                s.serial, s.capacity
+            ));
+        }
+        if M::CHUNK && bufs.len() > 1 {
+            return Err(format!("pipe {} is shared in chunk mode", s.serial));
+        }
+        if bufs.iter().any(|b| b.2) && bufs.iter().any(|b| !b.2) {
+            return Err(format!(
+                "pipe {} holds lazy and plain bufs with lazy pages on",
+                s.serial
+            ));
+        }
+    }
+    if open != pp.open_pipes() {
+        return Err(format!("{open} pipes open, {} counted", pp.open_pipes()));
+    }
+    if M::CHUNK && open > NR_PIPES_PER_CHUNK {
+        return Err(format!("{open} pipes open in chunk mode"));
+    }
+    for b in &pp.bufs {
+        let open = pp.pipes.get(b.slot).and_then(Option::as_ref);
+        if b.live && open.is_none_or(|s| s.serial != b.serial) {
+            return Err("a live buf's pipe is closed".into());
+        }
+    }
+    Ok(())
+}
+
+/// One operation of a test sequence. Addresses are relative: each add starts `gap` pages
+/// after the end of the last page or hole added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `add_pages(next + gap, n, LAZY if lazy)`.
+    Pages {
+        /// Pages skipped before the first.
+        gap: u64,
+        /// Pages.
+        n: u64,
+        /// With [`BufFlags::LAZY`].
+        lazy: bool,
+    },
+    /// `add_holes(next + gap, n, PARENT if parent)`.
+    Holes {
+        /// Pages skipped before the first.
+        gap: u64,
+        /// Pages.
+        n: u64,
+        /// With [`HoleFlags::PARENT`].
+        parent: bool,
+    },
+    /// Release the `nth` live buf (modulo their number).
+    Release {
+        /// Which.
+        nth: usize,
+    },
+    /// Re-init (chunk mode; a no-op otherwise).
+    Reinit,
+    /// Add a page `off` bytes past the next address (an unaligned address when `off` is
+    /// not a multiple of the page size).
+    Unaligned {
+        /// Bytes.
+        off: u64,
+    },
+    /// Add a page `back` pages below the next address.
+    Backwards {
+        /// Pages.
+        back: u64,
+    },
+}
+
+impl Op {
+    /// Decodes one operation from the front of `data`, consuming what it used; `None`
+    /// when `data` is empty. Every byte string decodes to some sequence.
+    pub fn decode(data: &mut &[u8]) -> Option<Op> {
+        let (&tag, rest) = data.split_first()?;
+        *data = rest;
+        let mut byte = || {
+            let (&b, rest) = data.split_first().unwrap_or((&0, &[]));
+            *data = rest;
+            b
+        };
+        Some(match tag % 16 {
+            0..=6 => Op::Pages {
+                gap: u64::from(byte() % 4),
+                n: u64::from(byte()) % 64 + 1,
+                lazy: tag & 0x10 != 0,
+            },
+            7..=10 => Op::Holes {
+                gap: u64::from(byte() % 3),
+                n: u64::from(byte()) % 16 + 1,
+                parent: tag & 0x10 == 0,
+            },
+            11 | 12 => Op::Release {
+                nth: usize::from(byte()),
+            },
+            13 => Op::Reinit,
+            14 => Op::Unaligned {
+                off: u64::from(byte()) * 17 + 1,
+            },
+            _ => Op::Backwards {
+                back: u64::from(byte() % 8) + 1,
+            },
+        })
+    }
+}
+
+/// Builds a page pipe over `backend` and a model as `cfg` says, checks that both build or
+/// fail alike, and runs `ops` on both ([`run_ops`]) from address `base`. The page pipe is
+/// dropped before this returns.
+///
+/// # Errors
+/// A description of the first difference.
+pub fn check_sequence<B: PipeBackend>(
+    cfg: &Config,
+    backend: B,
+    ops: &[Op],
+    base: u64,
+) -> Result<(), String> {
+    let mut storage = vec![Run::EMPTY; if cfg.caller_iovs { cfg.budget } else { 0 }];
+    let model = Model::new(cfg.clone());
+    let mut b = PagePipe::builder().lazy_pages(cfg.lazy_pages);
+    if let Some(m) = cfg.max_pipe_pages {
+        b = b.max_pipe_pages(m);
+    }
+    match (cfg.chunk, cfg.caller_iovs) {
+        (false, false) => go(
+            b.iov_budget(cfg.budget).build_with(backend),
+            model,
+            ops,
+            base,
+        ),
+        (false, true) => go(
+            b.iov_storage(&mut storage).build_with(backend),
+            model,
+            ops,
+            base,
+        ),
+        (true, false) => go(
+            b.chunk_mode().iov_budget(cfg.budget).build_with(backend),
+            model,
+            ops,
+            base,
+        ),
+        (true, true) => go(
+            b.chunk_mode().iov_storage(&mut storage).build_with(backend),
+            model,
+            ops,
+            base,
+        ),
+    }
+}
+
+fn go<M: Mode, I: IovStore, B: PipeBackend>(
+    built: Result<PagePipe<M, I, B>, crate::BuildError>,
+    model: Result<Model, ModelBuildError>,
+    ops: &[Op],
+    base: u64,
+) -> Result<(), String> {
+    use crate::BuildError;
+    match (built, model) {
+        (Ok(mut pp), Ok(mut model)) => run_ops(&mut pp, &mut model, ops, base),
+        (Err(BuildError::MakePipe(e)), Err(AddError::MakePipe { errno, .. })) if e == errno => {
+            Ok(())
+        }
+        (
+            Err(BuildError::PipeLimit { capacity, expected }),
+            Err(AddError::PipeLimit {
+                capacity: c,
+                expected: x,
+                ..
+            }),
+        ) if (capacity, expected) == (c, x) => Ok(()),
+        (r, m) => Err(format!(
+            "build differs: real {:?}, model {:?}",
+            r.map(|_| ()),
+            m.map(|_| ())
+        )),
+    }
+}
+
+fn progress(o: Outcome) -> Progress {
+    match o {
+        Outcome::Done => Progress::Done,
+        Outcome::Full { added } => Progress::Full { added },
+    }
+}
+
+/// Applies `ops` to the page pipe and to the model, starting at address `base`, and
+/// compares results, observables ([`compare`]) and invariants ([`check_invariants`])
+/// after every step.
+///
+/// # Errors
+/// A description of the step and the first difference.
+pub fn run_ops<M: Mode, I: IovStore, B: PipeBackend>(
+    pp: &mut PagePipe<M, I, B>,
+    model: &mut Model,
+    ops: &[Op],
+    base: u64,
+) -> Result<(), String> {
+    let ps = pp.page_size() as u64;
+    compare(pp, model)
+        .and_then(|()| check_invariants(pp))
+        .map_err(|e| format!("at start: {e}"))?;
+    for (step, op) in ops.iter().enumerate() {
+        let next = pp.next_addr().unwrap_or(base);
+        let (real, want) = match *op {
+            Op::Pages { gap, n, lazy } => {
+                let Some(addr) = next.checked_add(gap * ps) else {
+                    continue;
+                };
+                let flags = if lazy {
+                    BufFlags::LAZY
+                } else {
+                    BufFlags::empty()
+                };
+                (
+                    pp.add_run(addr, n, flags).map(progress),
+                    model.add_pages(addr, n, flags),
+                )
+            }
+            Op::Holes { gap, n, parent } => {
+                let Some(addr) = next.checked_add(gap * ps) else {
+                    continue;
+                };
+                let flags = if parent {
+                    HoleFlags::PARENT
+                } else {
+                    HoleFlags::empty()
+                };
+                (
+                    pp.add_holes(addr, n, flags).map(|()| Progress::Done),
+                    model.add_holes(addr, n, flags).map(|()| Progress::Done),
+                )
+            }
+            Op::Release { nth } => {
+                let ids: Vec<_> = pp.bufs().map(|b| b.id).collect();
+                let want = model.release_nth(nth);
+                let real = (!ids.is_empty()).then(|| {
+                    let k = nth % ids.len();
+                    pp.release_buf(ids[k]).map(|()| k)
+                });
+                match (real, want) {
+                    (None, None) => {}
+                    (Some(Ok(k)), Some(w)) if k == w => {}
+                    (r, w) => {
+                        return Err(format!(
+                            "step {step} {op:?}: release real {r:?} model {w:?}"
+                        ));
+                    }
+                }
+                (Ok(Progress::Done), Ok(Progress::Done))
+            }
+            Op::Reinit => {
+                if M::CHUNK {
+                    pp.reinit_inner();
+                    model.reinit();
+                }
+                (Ok(Progress::Done), Ok(Progress::Done))
+            }
+            Op::Unaligned { off } => {
+                let Some(addr) = next.checked_add(off) else {
+                    continue;
+                };
+                (
+                    pp.add_run(addr, 1, BufFlags::empty()).map(progress),
+                    model.add_pages(addr, 1, BufFlags::empty()),
+                )
+            }
+            Op::Backwards { back } => {
+                let Some(addr) = next.checked_sub(back * ps) else {
+                    continue;
+                };
+                (
+                    pp.add_run(addr, 1, BufFlags::empty()).map(progress),
+                    model.add_pages(addr, 1, BufFlags::empty()),
+                )
+            }
+        };
+        if real != want {
+            return Err(format!("step {step} {op:?}: real {real:?}, model {want:?}"));
+        }
+        compare(pp, model)
+            .and_then(|()| check_invariants(pp))
+            .map_err(|e| format!("after step {step} {op:?}: {e}"))?;
+    }
+    Ok(())
+}
