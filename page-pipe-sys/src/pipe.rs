@@ -154,6 +154,43 @@ fn move_exact(
     Ok(())
 }
 
+/// One iovec as the kernel takes it: `len` bytes at `base`. Unlike a slice it makes no
+/// promise that the memory is mapped, so memory known only by address can be described
+/// without creating a reference to it (the kernel reports `EFAULT` for memory that is
+/// not mapped).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawIov {
+    /// The first byte.
+    pub base: *const u8,
+    /// The length in bytes.
+    pub len: usize,
+}
+
+impl RawIov {
+    /// The iovec of a slice.
+    pub fn of(buf: &[u8]) -> Self {
+        Self {
+            base: buf.as_ptr(),
+            len: buf.len(),
+        }
+    }
+
+    fn skip(self, n: usize) -> Self {
+        Self {
+            base: self.base.wrapping_add(n),
+            len: self.len - n,
+        }
+    }
+}
+
+// `RawIov` stands for a `struct iovec`, which rustix's `IoSliceRaw` wraps transparently
+// ("guaranteed to be ABI compatible with the iovec type").
+const _: () = {
+    assert!(std::mem::size_of::<RawIov>() == std::mem::size_of::<IoSliceRaw<'static>>());
+    assert!(std::mem::align_of::<RawIov>() == std::mem::align_of::<IoSliceRaw<'static>>());
+};
+
 /// `vmsplice(fd, iov, flags)`, repeated: puts all of `bufs` into the pipe whose write end
 /// is `write_end`, in order, at most [`UIO_MAXIOV`] iovecs a call, looping on short
 /// transfers and `EINTR`. Returns the bytes moved, the sum of the lengths of `bufs`.
@@ -177,9 +214,8 @@ fn move_exact(
 ///
 /// # Errors
 /// [`Partial`] with the bytes moved when a call fails: `EAGAIN` when the pipe is full and
-/// `flags` has `NONBLOCK`; `EFAULT` for memory that is not mapped; `EPERM` or `ENOSYS`
-/// when a seccomp filter refuses `vmsplice`; `EOPNOTSUPP` from kernels that refuse
-/// `SPLICE_F_GIFT`.
+/// `flags` has `NONBLOCK`; `EPERM` or `ENOSYS` when a seccomp filter refuses `vmsplice`;
+/// `EOPNOTSUPP` from kernels that refuse `SPLICE_F_GIFT`.
 ///
 /// # Safety
 /// - `write_end` is the write end of a pipe; on a read end the kernel would write into
@@ -194,31 +230,64 @@ pub unsafe fn vmsplice_all(
     bufs: &[&[u8]],
     flags: SpliceFlags,
 ) -> std::result::Result<usize, Partial> {
+    let iovs: Vec<RawIov> = bufs.iter().map(|b| RawIov::of(b)).collect();
+    // SAFETY: the slices are valid for reads for this call; the rest is this function's
+    // contract.
+    unsafe { vmsplice_raw(write_end, &iovs, flags) }
+}
+
+/// [`vmsplice_all`] over raw iovecs. Memory that is not mapped makes the call stop with
+/// `EFAULT` (reported in [`Partial`]) rather than anything worse: only the kernel touches
+/// it.
+///
+/// ```
+/// use page_pipe_sys::{pipe, vmsplice_raw, Errno, RawIov, SpliceFlags};
+/// let p = pipe()?;
+/// // An address nothing is mapped at.
+/// let iov = RawIov { base: 8 as *const u8, len: 4096 };
+/// // SAFETY: `p.write` is a pipe's write end; no GIFT.
+/// let err = unsafe { vmsplice_raw(&p.write, &[iov], SpliceFlags::NONBLOCK) }.unwrap_err();
+/// assert_eq!((err.done, err.errno()), (0, Some(Errno::FAULT)));
+/// # Ok::<(), Errno>(())
+/// ```
+///
+/// # Errors
+/// As [`vmsplice_all`], and `EFAULT` for memory that is not mapped.
+///
+/// # Safety
+/// - `write_end` is the write end of a pipe (the kernel then only reads the memory).
+/// - With `SpliceFlags::GIFT`, every iovec is page-aligned and a whole number of pages,
+///   and nobody modifies that memory while its pages sit in the pipe.
+pub unsafe fn vmsplice_raw(
+    write_end: impl AsFd,
+    iovs: &[RawIov],
+    flags: SpliceFlags,
+) -> std::result::Result<usize, Partial> {
     let fd = write_end.as_fd();
     let mut done = 0usize;
-    let mut batch: Vec<IoSliceRaw<'_>> = Vec::with_capacity(bufs.len().min(UIO_MAXIOV));
-    // Index of the first buffer not yet fully moved, and how much of it has moved.
+    let mut batch: Vec<RawIov> = Vec::with_capacity(iovs.len().min(UIO_MAXIOV));
+    // Index of the first iovec not yet fully moved, and how much of it has moved.
     let (mut first, mut skip) = (0usize, 0usize);
-    while first < bufs.len() {
-        if bufs[first].len() == skip {
+    while first < iovs.len() {
+        if iovs[first].len == skip {
             first += 1;
             skip = 0;
             continue;
         }
         batch.clear();
-        batch.push(IoSliceRaw::from_slice(&bufs[first][skip..]));
-        batch.extend(
-            bufs[first + 1..]
-                .iter()
-                .take(UIO_MAXIOV - 1)
-                .map(|b| IoSliceRaw::from_slice(b)),
-        );
+        batch.push(iovs[first].skip(skip));
+        batch.extend(iovs[first + 1..].iter().take(UIO_MAXIOV - 1));
+        // SAFETY: `RawIov` has the layout of `struct iovec`, as `IoSliceRaw` does
+        // (checked above), and neither has invalid values, so the cast only renames the
+        // element type of a live slice.
+        let raw: &[IoSliceRaw<'_>] =
+            unsafe { &*(batch.as_slice() as *const [RawIov] as *const [IoSliceRaw<'_>]) };
         // SAFETY:
         // - `fd` is a pipe's write end (this function's contract), so the kernel only
-        //   reads the memory, which `bufs` lends for reading for the whole call;
+        //   reads the memory, and reports EFAULT for memory that is not mapped;
         // - the GIFT obligations are this function's contract too;
-        // - `batch` has at most UIO_MAXIOV entries, all within `bufs`.
-        let r = unsafe { rustix::pipe::vmsplice(fd, &batch, flags) };
+        // - `raw` has at most UIO_MAXIOV entries.
+        let r = unsafe { rustix::pipe::vmsplice(fd, raw, flags) };
         match r {
             Ok(0) => {
                 return Err(Partial {
@@ -230,7 +299,7 @@ pub unsafe fn vmsplice_all(
                 done += n;
                 // Advance (first, skip) by n bytes.
                 while n > 0 {
-                    let left = bufs[first].len() - skip;
+                    let left = iovs[first].len - skip;
                     if n >= left {
                         n -= left;
                         first += 1;
@@ -348,6 +417,33 @@ pub fn tee_exact(
             }
         }
     }
+}
+
+/// `read(fd, buf)`, repeated until `buf` is full.
+///
+/// ```
+/// let p = page_pipe_sys::pipe()?;
+/// page_pipe_sys::write_exact(&p.write, b"12345").unwrap();
+/// let mut out = [0u8; 5];
+/// page_pipe_sys::read_exact(&p.read, &mut out).unwrap();
+/// assert_eq!(&out, b"12345");
+/// # Ok::<(), page_pipe_sys::Errno>(())
+/// ```
+///
+/// # Errors
+/// [`Partial`] with the bytes read; [`Stopped::EndOfData`] when the source runs dry.
+///
+/// # References
+/// - [`read(2)`](https://man7.org/linux/man-pages/man2/read.2.html)
+pub fn read_exact(fd: impl AsFd, buf: &mut [u8]) -> std::result::Result<(), Partial> {
+    let fd = fd.as_fd();
+    let len = buf.len();
+    let mut off = 0;
+    move_exact(len, |_| {
+        let n = rustix::io::read(fd, &mut buf[off..])?;
+        off += n;
+        Ok(n)
+    })
 }
 
 /// `write(fd, buf)`, repeated until all of `buf` is written.
