@@ -24,15 +24,24 @@
 
 mod backend;
 pub mod builder;
+pub mod capture;
+pub mod image;
 pub mod model;
 pub mod page_pipe;
+pub mod snapshot;
+pub mod source;
 mod types;
 
 pub use backend::{FakeKernel, FakePipe, FakePipes, KernelPipes, PipeBackend, PipePool};
 pub use builder::{
     BuildError, Builder, CallerIovs, ChunkMode, IovStore, Mode, NoIovs, OwnIovs, SinglePass,
 };
+pub use capture::{
+    CallbackSink, CaptureError, CaptureMode, CapturePath, CaptureReport, Captured, DumpError,
+    DumpErrorKind, DumpReport, DumpSink, FdSink,
+};
 pub use page_pipe::{
     AddError, BufId, BufView, Entries, Notation, PagePipe, PipeId, Progress, Stats, UnknownBuf,
 };
+pub use source::{Source, SourceError};
 pub use types::{BufFlags, Entry, Hole, HoleFlags, Run};

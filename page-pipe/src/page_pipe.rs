@@ -249,6 +249,10 @@ pub(crate) struct Buf {
     pub(crate) serial: u64,
     /// Pages of the same pipe used by earlier bufs.
     pub(crate) pipe_off: u64,
+    /// Where the buf's pages start in the pipe once captured: `pipe_off` less the pages
+    /// of earlier bufs on the pipe that were released before the capture (and so never
+    /// went in).
+    pub(crate) pipe_pos: u64,
     pub(crate) pages: u64,
     pub(crate) first_run: usize,
     pub(crate) nr_runs: usize,
@@ -262,6 +266,10 @@ pub(crate) struct Slot<P> {
     pub(crate) capacity: u64,
     pub(crate) users: u32,
     pub(crate) serial: u64,
+    /// Pages put into the pipe by the capture.
+    pub(crate) filled: u64,
+    /// Pages taken from the front of the pipe since the capture (by a dump).
+    pub(crate) consumed: u64,
 }
 
 /// Why making a pipe failed, before it is tied to an address.
@@ -798,6 +806,7 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
             slot,
             serial: self.slot(slot).serial,
             pipe_off,
+            pipe_pos: pipe_off,
             pages: 0,
             first_run,
             nr_runs: 0,
@@ -819,6 +828,8 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
             capacity,
             users: 1,
             serial: self.stats.pipes_made,
+            filled: 0,
+            consumed: 0,
         };
         self.stats.pipes_made += 1;
         self.open_pipes += 1;

@@ -232,3 +232,74 @@ pub mod strategies {
             )
     }
 }
+
+/// The `crit` command (CRIU's image tool), or `None` after saying why the caller skips.
+pub fn crit(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("crit"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        eprintln!("SKIPPED {test}: crit is not installed (apt-get install criu)");
+    }
+    found
+}
+
+/// A fresh directory under the system's temporary directory, removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Makes `<tmp>/page-pipe-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("page-pipe-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("make a temporary directory");
+        Self(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `pages` pages of anonymous memory filled with [`fill_pattern`] and `seed`.
+pub fn patterned(pages: usize, seed: u8) -> memmap2::MmapMut {
+    let ps = page_pipe_sys::page_size().get();
+    let mut m = memmap2::MmapOptions::new()
+        .len(pages * ps)
+        .map_anon()
+        .expect("map anonymous memory");
+    fill_pattern(&mut m, seed);
+    m
+}
+
+/// The `snapshot` demo of the `page-pipe` crate, built if this test run has not built it.
+pub fn snapshot_demo() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/examples/snapshot
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let demo = profile_dir.join("examples").join("snapshot");
+    if !demo.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "page-pipe", "--example", "snapshot"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("run cargo build");
+        assert!(st.success(), "cannot build the snapshot demo");
+    }
+    demo
+}
