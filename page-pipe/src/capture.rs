@@ -123,8 +123,9 @@ impl std::error::Error for CaptureError {}
 
 /// A page pipe whose pages sit in its pipes, borrowed from memory that lives for `'m`.
 ///
-/// Made by [`PagePipe::capture`]. It can be [dumped](Self::dump) once,
-/// [release bufs](Self::release_buf), and in chunk mode turn back into a page pipe
+/// Made by [`PagePipe::capture`]. It can be [dumped](Self::dump) once, serve pages on
+/// demand ([`read`](Self::read)), [release bufs](Self::release_buf), and in chunk mode
+/// turn back into a page pipe
 /// ([`reinit`](Captured::reinit)). It is `Send`: it can move to a draining thread.
 ///
 /// ```
@@ -149,6 +150,7 @@ pub struct Captured<'m, M: Mode = SinglePass, I: IovStore = OwnIovs> {
     report: CaptureReport,
     dumped: bool,
     devnull: Option<File>,
+    pub(crate) index: Option<crate::read::ReadIndex>,
     _mem: PhantomData<&'m [u8]>,
 }
 
@@ -267,6 +269,7 @@ impl<M: Mode, I: IovStore> PagePipe<M, I, KernelPipes> {
             },
             dumped: false,
             devnull: None,
+            index: None,
             _mem: PhantomData,
         })
     }

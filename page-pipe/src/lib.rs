@@ -28,6 +28,7 @@ pub mod capture;
 pub mod image;
 pub mod model;
 pub mod page_pipe;
+pub mod read;
 pub mod snapshot;
 pub mod source;
 mod types;
@@ -43,5 +44,6 @@ pub use capture::{
 pub use page_pipe::{
     AddError, BufId, BufView, Entries, Notation, PagePipe, PipeId, Progress, Stats, UnknownBuf,
 };
+pub use read::{Found, ReadDest, ReadError, Served};
 pub use source::{Source, SourceError};
 pub use types::{BufFlags, Entry, Hole, HoleFlags, Run};

@@ -477,6 +477,13 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
             .map(move |(i, b)| self.view(i, b, runs))
     }
 
+    pub(crate) fn buf_id(&self, index: usize) -> BufId {
+        BufId {
+            epoch: self.epoch,
+            index: index as u32,
+        }
+    }
+
     fn view<'a>(&'a self, index: usize, b: &Buf, runs: &'a [Run]) -> BufView<'a> {
         let slot = self.slot(b.slot);
         BufView {
