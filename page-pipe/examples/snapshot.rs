@@ -254,7 +254,7 @@ fn demo(args: &[String]) -> Result<(), Fail> {
     let row = |name: &str, dir: &Path, r: &SnapshotReport, bytes: u64| {
         let busy = r.capture_time + r.dump_time;
         println!(
-            "{name:<12} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10}  {}  ({}, {} chunks)",
+            "{name:<12} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10}  {}  ({}, {} chunks, {} pipes)",
             r.pages,
             r.hole_pages,
             human(bytes),
@@ -264,6 +264,7 @@ fn demo(args: &[String]) -> Result<(), Fail> {
             r.path,
             dir.display(),
             r.chunks,
+            r.pipes_made,
         );
     };
     println!(

@@ -19,6 +19,30 @@
 //! The bookkeeping makes and grows pipes only through a [`PipeBackend`]: [`KernelPipes`]
 //! for real pipes, [`FakePipes`] for an in-memory stand-in that fails on demand. The
 //! [`model`] module holds a pure model of the same rules that the tests compare against.
+//!
+//! # The life of a snapshot
+//!
+//! 1. Record: [`PagePipe::add_pages`] / [`PagePipe::add_holes`] (in chunk mode until
+//!    [`Progress::Full`]).
+//! 2. Capture: [`PagePipe::capture`] puts the pages of a [`Source`] into the pipes and
+//!    returns a [`Captured`] page pipe that keeps the memory borrowed.
+//! 3. Dump: [`Captured::dump`] writes entries and pages to an
+//!    [`ImageWriter`](image::ImageWriter), an [`FdSink`] or a [`CallbackSink`]; or serve
+//!    pages on demand with [`Captured::read`].
+//! 4. In chunk mode, [`Captured::reinit`] gives the page pipe back for the next chunk.
+//!
+//! [`snapshot::snapshot`] runs these steps for a plan of spans; [`image::Image`] reads an
+//! image back through its parent chain.
+//!
+//! # Thread safety
+//!
+//! Every type is `Send` where its parts are: a [`PagePipe`] over [`KernelPipes`] or
+//! [`FakePipes`], a [`Captured`] page pipe (so a capture can be dumped or served by
+//! another thread; scoped threads let it keep borrowing its memory), a [`ReadDest`], an
+//! [`ImageWriter`](image::ImageWriter) and an [`Image`](image::Image). None of them is
+//! shared: methods that change them take `&mut self`. A [`Source`] and an
+//! [`Image`](image::Image) are also `Sync`, as they are only read; a [`PipePool`] is
+//! shared through an `Arc` and locks inside.
 #![deny(missing_docs, missing_debug_implementations)]
 #![deny(unsafe_code)]
 

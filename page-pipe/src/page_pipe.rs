@@ -1489,9 +1489,19 @@ mod tests {
     }
 
     #[test]
-    fn a_page_pipe_is_send() {
+    fn what_the_crate_docs_say_is_send_and_sync_is() {
         fn send<T: Send>() {}
+        fn sync<T: Sync>() {}
         send::<PagePipe>();
         send::<PagePipe<ChunkMode, CallerIovs<'static>, FakePipes>>();
+        send::<crate::Captured<'static>>();
+        send::<crate::Captured<'static, ChunkMode, CallerIovs<'static>>>();
+        send::<crate::ReadDest>();
+        send::<crate::image::ImageWriter>();
+        send::<crate::image::Image>();
+        sync::<crate::image::Image>();
+        send::<crate::Source<'static>>();
+        sync::<crate::Source<'static>>();
+        send::<std::sync::Arc<crate::PipePool>>();
     }
 }

@@ -285,21 +285,26 @@ pub fn patterned(pages: usize, seed: u8) -> memmap2::MmapMut {
     m
 }
 
-/// The `snapshot` demo of the `page-pipe` crate, built if this test run has not built it.
+/// The `snapshot` demo of the `page-pipe` crate, built (once per test process, unless
+/// this is an unprivileged re-run, which cannot write the target directory) so that it
+/// is up to date.
 pub fn snapshot_demo() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>/examples/snapshot
     let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let demo = profile_dir.join("examples").join("snapshot");
-    if !demo.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "page-pipe", "--example", "snapshot"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("run cargo build");
-        assert!(st.success(), "cannot build the snapshot demo");
+    if std::env::var_os(AS_NOBODY).is_none() {
+        BUILT.call_once(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-q", "-p", "page-pipe", "--example", "snapshot"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("run cargo build");
+            assert!(st.success(), "cannot build the snapshot demo");
+        });
     }
     demo
 }

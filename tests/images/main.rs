@@ -813,3 +813,28 @@ fn a_seccomp_refusal_of_vmsplice_falls_back_to_copying() {
         .unwrap();
     assert!(back == mem[..]);
 }
+
+/// A captured page pipe moves to another thread to be dumped, still borrowing its memory.
+#[test]
+fn a_captured_page_pipe_is_dumped_by_another_thread() {
+    let mem = patterned(300, 16);
+    let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+    let mut pp = PagePipe::builder().iov_budget(8).build().unwrap();
+    pp.add_pages(BASE, 300, BufFlags::empty()).unwrap();
+    let mut captured = pp.capture(&source).unwrap();
+    let dir = TempDir::new("thread");
+    let path = dir.path().to_path_buf();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut w = ImageWriter::create(&path, 1).unwrap();
+            captured.dump(&mut w).unwrap();
+            w.finish().unwrap();
+        });
+    });
+    let mut back = vec![0u8; mem.len()];
+    Image::open(dir.path())
+        .unwrap()
+        .read(BASE, &mut back)
+        .unwrap();
+    assert!(back == mem[..]);
+}

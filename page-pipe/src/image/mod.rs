@@ -614,13 +614,23 @@ pub struct ImageWriter {
     /// Bytes of the pagemap file on disk.
     on_disk: u64,
     pages_off: u64,
+    /// End, in the pages file, of the pages of the entries encoded so far.
+    encoded_pages: u64,
+    /// End, in the pages file, of the pages of the entries on disk.
+    disk_pages: u64,
+    /// A pagemap write failed: the files were cut back to what is on disk, and the
+    /// writer takes nothing more.
+    failed: bool,
     pending: Option<PagemapEntry>,
     last_end: Option<u64>,
     summary: ImageSummary,
     finished: bool,
 }
 
+/// Bytes of encoded entries that make the writer write them out.
 const FLUSH_AT: usize = 64 << 10;
+/// Bytes of pages whose entries are not on disk yet that make the writer write them out.
+const PAGES_FLUSH_AT: u64 = 1 << 20;
 
 impl ImageWriter {
     /// Creates (or truncates) `pagemap-<id>.img` and `pages-1.img` in `dir`, making
@@ -656,8 +666,12 @@ impl ImageWriter {
         };
         let pagemap = open(&pagemap_path)?;
         let pages = open(&pages_path)?;
+        // The head goes to disk at once: from here on the files are a valid image.
         let mut buf = Vec::with_capacity(FLUSH_AT);
         encode_head(pages_id, &mut buf);
+        write_all_at(&pagemap, &buf, 0).map_err(io_err(&pagemap_path, "write the pagemap"))?;
+        let on_disk = buf.len() as u64;
+        buf.clear();
         Ok(Self {
             dir,
             pagemap_path,
@@ -666,8 +680,11 @@ impl ImageWriter {
             pagemap,
             pages,
             buf,
-            on_disk: 0,
+            on_disk,
             pages_off: 0,
+            encoded_pages: 0,
+            disk_pages: 0,
+            failed: false,
             pending: None,
             last_end: None,
             summary: ImageSummary::default(),
@@ -720,6 +737,13 @@ impl ImageWriter {
     }
 
     fn check_order(&mut self, e: &PagemapEntry) -> Result<u64, ImageError> {
+        if self.failed {
+            return Err(ImageError::Io {
+                path: self.pagemap_path.clone(),
+                op: "go on after an earlier write failed",
+                error: io::Error::other("the image was cut back to its last whole entry"),
+            });
+        }
         let end = e
             .end(self.page_size)
             .filter(|_| e.pages > 0 && e.vaddr % self.page_size as u64 == 0)
@@ -849,7 +873,10 @@ impl ImageWriter {
         }
         if let Some(p) = self.pending.replace(e) {
             self.encode(p);
-            if self.buf.len() >= FLUSH_AT {
+            // Keep the entries on disk close behind their pages: a write that fails later
+            // (a full disk) cuts the pages back to what the entries on disk cover.
+            if self.buf.len() >= FLUSH_AT || self.encoded_pages - self.disk_pages >= PAGES_FLUSH_AT
+            {
                 self.flush_buf()?;
             }
         }
@@ -865,25 +892,33 @@ impl ImageWriter {
             };
             encode_entry(&part, &mut self.buf);
             self.summary.entries += 1;
+            if part.flags.contains(PageFlags::PRESENT) {
+                self.encoded_pages += part.pages * ps;
+            }
             p.pages -= part.pages;
             p.vaddr += part.pages * ps;
         }
     }
 
     /// Writes the buffered messages; on failure, cuts the pagemap back to what was on
-    /// disk, so that it still ends on a whole message.
+    /// disk, so that it still ends on a whole message, and the pages file back to the
+    /// pages of those entries.
     fn flush_buf(&mut self) -> Result<(), ImageError> {
-        if self.buf.is_empty() {
+        if self.buf.is_empty() || self.failed {
             return Ok(());
         }
         match write_all_at(&self.pagemap, &self.buf, self.on_disk) {
             Ok(()) => {
                 self.on_disk += self.buf.len() as u64;
+                self.disk_pages = self.encoded_pages;
                 self.buf.clear();
                 Ok(())
             }
             Err(error) => {
                 let _ = self.pagemap.set_len(self.on_disk);
+                let _ = self.pages.set_len(self.disk_pages);
+                self.buf.clear();
+                self.failed = true;
                 Err(ImageError::Io {
                     path: self.pagemap_path.clone(),
                     op: "write the pagemap",
@@ -907,6 +942,15 @@ impl ImageWriter {
     pub fn finish(mut self) -> Result<ImageSummary, ImageError> {
         self.finished = true;
         self.flush_all()?;
+        if self.failed {
+            return Err(ImageError::Io {
+                path: self.pagemap_path.clone(),
+                op: "finish",
+                error: io::Error::other(
+                    "an earlier write failed; the image holds its entries up to it",
+                ),
+            });
+        }
         self.summary.pagemap_bytes = self.on_disk;
         Ok(self.summary)
     }
