@@ -38,8 +38,8 @@ mod sizing;
 pub use layout::{PIPE_BUFFER_SIZE, PipeBuffer};
 pub use limits::{PipeLimits, page_size};
 pub use pipe::{
-    Partial, Pipe, RawIov, Stopped, pipe, pipe_bytes, pipe_capacity, read_exact, set_pipe_capacity,
-    splice_exact, tee_exact, vmsplice_all, vmsplice_raw, write_exact,
+    FdKind, Partial, Pipe, RawIov, Stopped, fd_kind, pipe, pipe_bytes, pipe_capacity, read_exact,
+    set_pipe_capacity, splice_exact, tee_exact, vmsplice_all, vmsplice_raw, write_exact,
 };
 pub use probe::{GiftSupport, VmspliceMode, VmspliceProbe, probe_vmsplice};
 pub use sizing::{

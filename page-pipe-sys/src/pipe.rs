@@ -86,6 +86,57 @@ pub fn pipe_bytes(fd: impl AsFd) -> Result<usize> {
     rustix::io::ioctl_fionread(fd).map(|n| n as usize)
 }
 
+/// What a file descriptor refers to, as far as moving pages into it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdKind {
+    /// A regular file.
+    File,
+    /// A pipe or FIFO.
+    Pipe,
+    /// A Unix domain socket.
+    UnixSocket,
+    /// An IPv4 or IPv6 socket.
+    InetSocket,
+    /// Anything else, or a descriptor `fstat` refuses.
+    Other,
+}
+
+/// `fstat(fd)`, and `getsockname(fd)` for a socket: what `fd` refers to.
+///
+/// ```
+/// use page_pipe_sys::{fd_kind, FdKind};
+/// let p = page_pipe_sys::pipe()?;
+/// assert_eq!(fd_kind(&p.read), FdKind::Pipe);
+/// let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+/// assert_eq!(fd_kind(&a), FdKind::UnixSocket);
+/// # Ok::<(), page_pipe_sys::Errno>(())
+/// ```
+///
+/// # References
+/// - [`fstat(2)`](https://man7.org/linux/man-pages/man2/fstat.2.html),
+///   [`getsockname(2)`](https://man7.org/linux/man-pages/man2/getsockname.2.html)
+pub fn fd_kind(fd: impl AsFd) -> FdKind {
+    use rustix::fs::FileType;
+    let Ok(st) = rustix::fs::fstat(&fd) else {
+        return FdKind::Other;
+    };
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => FdKind::File,
+        FileType::Fifo => FdKind::Pipe,
+        FileType::Socket => match rustix::net::getsockname(&fd) {
+            Ok(addr) => match addr.address_family() {
+                rustix::net::AddressFamily::UNIX => FdKind::UnixSocket,
+                rustix::net::AddressFamily::INET | rustix::net::AddressFamily::INET6 => {
+                    FdKind::InetSocket
+                }
+                _ => FdKind::Other,
+            },
+            Err(_) => FdKind::Other,
+        },
+        _ => FdKind::Other,
+    }
+}
+
 /// Why a transfer stopped before moving all it was asked to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {

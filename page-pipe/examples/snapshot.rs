@@ -9,7 +9,9 @@
 //!
 //! Options of the demo: `--size SIZE` (K, M or G; default 256M), `--dirty PERCENT` of pages
 //! changed between the snapshots (default 10), `--dir DIR` (default `./snapshots`),
-//! `--single-pass` (no chunk mode), `--copy` (capture with write(2), not vmsplice).
+//! `--single-pass` (no chunk mode), `--copy` (capture with write(2), not vmsplice),
+//! `--drain pipes|memory|auto` (default `pipes`, to show the capture: the library's
+//! default, `auto`, writes image files straight from memory, which measured as fast).
 
 use std::fmt;
 use std::io::Write;
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use memmap2::MmapOptions;
 use page_pipe::image::{Image, ImageWriter, PageFlags, PagemapEntry};
-use page_pipe::snapshot::{SnapshotOptions, SnapshotReport, Span, snapshot, spans_from};
+use page_pipe::snapshot::{Drain, SnapshotOptions, SnapshotReport, Span, snapshot, spans_from};
 use page_pipe::{BufFlags, CaptureMode, HoleFlags, Source};
 
 /// An error for the one line the demo prints before it exits.
@@ -148,10 +150,20 @@ fn dirty(i: u64, percent: f64) -> bool {
 fn demo(args: &[String]) -> Result<(), Fail> {
     let mut a = Args { rest: args };
     a.check(
-        &["--size", "--dirty", "--dir"],
+        &["--size", "--dirty", "--dir", "--drain"],
         &["--single-pass", "--copy"],
         0,
     )?;
+    let drain = match a.value("--drain")?.unwrap_or("pipes") {
+        "pipes" => Drain::Pipes,
+        "memory" => Drain::Memory,
+        "auto" => Drain::Auto,
+        other => {
+            return fail(format!(
+                "--drain takes pipes, memory or auto, not {other:?}"
+            ));
+        }
+    };
     let size = parse_size(a.value("--size")?.unwrap_or("256M"))?;
     let percent: f64 = match a.value("--dirty")?.unwrap_or("10").parse() {
         Ok(p) if (0.0..=100.0).contains(&p) => p,
@@ -159,6 +171,7 @@ fn demo(args: &[String]) -> Result<(), Fail> {
     };
     let dir = PathBuf::from(a.value("--dir")?.unwrap_or("./snapshots"));
     let opts = SnapshotOptions {
+        drain,
         chunk_mode: !a.flag("--single-pass"),
         capture: if a.flag("--copy") {
             CaptureMode::Copy

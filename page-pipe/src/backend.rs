@@ -46,11 +46,12 @@ pub trait PipeBackend {
     /// The errno of the refusal (`EPERM`, `ENOMEM`, `EBUSY`).
     fn resize_pipe(&mut self, pipe: &Self::Pipe, pages: u64) -> Result<u64, Errno>;
 
-    /// Takes back a pipe that no buf uses any more, with its capacity in pages. The
+    /// Takes back a pipe that no buf uses any more, with its capacity in pages; `unused`
+    /// says no page was ever put into it (the page pipe never captured into it). The
     /// default closes it; a backend with a pool may keep it for the next
     /// [`make_pipe`](Self::make_pipe).
-    fn release_pipe(&mut self, pipe: Self::Pipe, capacity: u64) {
-        let _ = capacity;
+    fn release_pipe(&mut self, pipe: Self::Pipe, capacity: u64, unused: bool) {
+        let _ = (capacity, unused);
         drop(pipe);
     }
 }
@@ -134,17 +135,18 @@ impl PipeBackend for KernelPipes {
         Ok((granted / ps) as u64)
     }
 
-    fn release_pipe(&mut self, pipe: Pipe, capacity: u64) {
+    fn release_pipe(&mut self, pipe: Pipe, capacity: u64, unused: bool) {
         if let Some(pool) = &self.pool {
-            pool.give(pipe, capacity);
+            pool.give(pipe, capacity, unused);
         }
     }
 }
 
 /// Empty pipes kept for reuse, shared by the [`KernelPipes`] of many page pipes.
 ///
-/// A pipe is taken back only when it holds no data (checked with `FIONREAD`) and the pool
-/// has fewer than its maximum; otherwise it is closed. Pooled pipes keep the capacity
+/// A pipe is taken back only when it holds no data (checked with `FIONREAD`, unless no
+/// page was ever put into it) and the pool has fewer than its maximum; otherwise it is
+/// closed. Pooled pipes keep the capacity
 /// they grew to. Each costs two file descriptors and its slot array in kernel memory until
 /// it is taken again or the pool is dropped or [`clear`](Self::clear)ed.
 ///
@@ -198,8 +200,8 @@ impl PipePool {
         self.lock().pop()
     }
 
-    fn give(&self, pipe: Pipe, capacity: u64) {
-        if page_pipe_sys::pipe_bytes(&pipe.read) != Ok(0) {
+    fn give(&self, pipe: Pipe, capacity: u64, unused: bool) {
+        if !unused && page_pipe_sys::pipe_bytes(&pipe.read) != Ok(0) {
             return;
         }
         let mut pipes = self.lock();

@@ -73,7 +73,12 @@ pub trait IovStore: sealed::Sealed {
 }
 
 /// Storage the page pipe allocates itself (CRIU's `PP_OWN_IOVS`), up to a budget of runs.
-/// It grows as runs are recorded, so a large budget costs nothing until it is used.
+/// Room for up to [`PREALLOCATED_RUNS`] runs is reserved at once (address space only, until
+/// runs are recorded), so that recording never copies the runs to grow; past that it grows
+/// as runs come.
+pub const PREALLOCATED_RUNS: usize = 1 << 20;
+
+/// See [`PREALLOCATED_RUNS`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnIovs {
     runs: Vec<Run>,
@@ -162,8 +167,17 @@ pub struct NoIovs;
 pub struct Builder<M, I> {
     iovs: I,
     lazy_pages: bool,
-    max_pipe_pages: Option<u64>,
+    sizing: PipeSizing,
     _mode: PhantomData<M>,
+}
+
+/// How a page pipe sizes its pipes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct PipeSizing {
+    /// The cap, if not the default.
+    pub(crate) max: Option<u64>,
+    /// The size to ask for as soon as a pipe is made, if any.
+    pub(crate) initial: Option<u64>,
 }
 
 impl PagePipe {
@@ -172,7 +186,7 @@ impl PagePipe {
         Builder {
             iovs: NoIovs,
             lazy_pages: false,
-            max_pipe_pages: None,
+            sizing: PipeSizing::default(),
             _mode: PhantomData,
         }
     }
@@ -184,7 +198,7 @@ impl<M, I> Builder<M, I> {
         Builder {
             iovs: self.iovs,
             lazy_pages: self.lazy_pages,
-            max_pipe_pages: self.max_pipe_pages,
+            sizing: self.sizing,
             _mode: PhantomData,
         }
     }
@@ -203,7 +217,26 @@ impl<M, I> Builder<M, I> {
     /// pages at 4 KiB) or what the kernel grants this process, whichever is less. Pipes
     /// grow by doubling, and a size the kernel refused once is not asked for again.
     pub fn max_pipe_pages(mut self, pages: u64) -> Self {
-        self.max_pipe_pages = Some(pages);
+        self.sizing.max = Some(pages);
+        self
+    }
+
+    /// Asks for `pages` pages (at most the cap) as soon as a pipe is made, in one call,
+    /// instead of growing it by doubling as pages come (the default, as CRIU does). For
+    /// captures that fill their pipes anyway this saves the intermediate resizes; it costs
+    /// kernel memory for pipes that stay small.
+    ///
+    /// ```
+    /// use page_pipe::{FakeKernel, FakePipes, PagePipe};
+    /// let pp = PagePipe::builder()
+    ///     .iov_budget(8)
+    ///     .initial_pipe_pages(256)
+    ///     .build_with(FakePipes::new(FakeKernel::new(4096)))?;
+    /// assert_eq!(pp.bufs().next().unwrap().capacity, 256);
+    /// # Ok::<(), page_pipe::BuildError>(())
+    /// ```
+    pub fn initial_pipe_pages(mut self, pages: u64) -> Self {
+        self.sizing.initial = Some(pages);
         self
     }
 }
@@ -215,11 +248,11 @@ impl<M> Builder<M, NoIovs> {
     pub fn iov_budget(self, runs: usize) -> Builder<M, OwnIovs> {
         Builder {
             iovs: OwnIovs {
-                runs: Vec::new(),
+                runs: Vec::with_capacity(runs.min(PREALLOCATED_RUNS)),
                 budget: runs,
             },
             lazy_pages: self.lazy_pages,
-            max_pipe_pages: self.max_pipe_pages,
+            sizing: self.sizing,
             _mode: PhantomData,
         }
     }
@@ -233,7 +266,7 @@ impl<M> Builder<M, NoIovs> {
                 len: 0,
             },
             lazy_pages: self.lazy_pages,
-            max_pipe_pages: self.max_pipe_pages,
+            sizing: self.sizing,
             _mode: PhantomData,
         }
     }
@@ -303,13 +336,9 @@ impl<M: Mode, I: IovStore> Builder<M, I> {
         if self.iovs.budget() == 0 {
             return Err(BuildError::ZeroBudget);
         }
-        PagePipe::create(backend, self.iovs, self.lazy_pages, self.max_pipe_pages).map_err(|e| {
-            match e {
-                PipeFail::Make(errno) => BuildError::MakePipe(errno),
-                PipeFail::Tiny { capacity, expected } => {
-                    BuildError::PipeLimit { capacity, expected }
-                }
-            }
+        PagePipe::create(backend, self.iovs, self.lazy_pages, self.sizing).map_err(|e| match e {
+            PipeFail::Make(errno) => BuildError::MakePipe(errno),
+            PipeFail::Tiny { capacity, expected } => BuildError::PipeLimit { capacity, expected },
         })
     }
 }

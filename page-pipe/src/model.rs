@@ -41,6 +41,8 @@ pub struct Config {
     pub budget: usize,
     /// [`Builder::max_pipe_pages`](crate::Builder::max_pipe_pages), if set.
     pub max_pipe_pages: Option<u64>,
+    /// [`Builder::initial_pipe_pages`](crate::Builder::initial_pipe_pages), if set.
+    pub initial_pipe_pages: Option<u64>,
     /// Runs kept in caller-provided storage ([`CallerIovs`](crate::CallerIovs)) rather
     /// than [`OwnIovs`](crate::OwnIovs).
     pub caller_iovs: bool,
@@ -56,6 +58,7 @@ impl Config {
             lazy_pages: false,
             budget: 1024,
             max_pipe_pages: None,
+            initial_pipe_pages: None,
             caller_iovs: false,
             kernel,
         }
@@ -87,6 +90,7 @@ impl Config {
             caller_iovs: mode & 4 != 0,
             budget: usize::from(budget % 48) + 1,
             max_pipe_pages: (mode & 8 != 0).then_some(u64::from(max) + 1),
+            initial_pipe_pages: (mode & 0x20 != 0).then_some(u64::from(max % 64) + 1),
             kernel,
         }
     }
@@ -286,15 +290,20 @@ impl Model {
         if cap >= self.cap {
             return false;
         }
-        let want = (cap * 2).min(self.cap);
+        self.resize(pipe, (cap * 2).min(self.cap)) && self.pipes[&pipe].capacity > used
+    }
+
+    /// Asks the kernel for `want` pages for `pipe`, unless a size as large was refused.
+    fn resize(&mut self, pipe: u64, want: u64) -> bool {
         if want >= self.refused_from {
             return false;
         }
+        let cap = self.pipes[&pipe].capacity;
         match self.kernel.resize(cap, want) {
             Ok(g) if g > cap => {
                 self.pipes.get_mut(&pipe).unwrap().capacity = g;
                 self.stats.resizes += 1;
-                g > used
+                true
             }
             _ => {
                 self.refused_from = want;
@@ -346,6 +355,12 @@ impl Model {
                 let id = self.stats.pipes_made;
                 self.stats.pipes_made += 1;
                 self.pipes.insert(id, ModelPipe { capacity, users: 1 });
+                if let Some(initial) = self.cfg.initial_pipe_pages {
+                    let want = initial.min(self.cap);
+                    if want > capacity {
+                        self.resize(id, want);
+                    }
+                }
                 (id, 0)
             }
         };
@@ -758,6 +773,9 @@ pub fn check_sequence<B: PipeBackend>(
     let mut b = PagePipe::builder().lazy_pages(cfg.lazy_pages);
     if let Some(m) = cfg.max_pipe_pages {
         b = b.max_pipe_pages(m);
+    }
+    if let Some(n) = cfg.initial_pipe_pages {
+        b = b.initial_pipe_pages(n);
     }
     match (cfg.chunk, cfg.caller_iovs) {
         (false, false) => go(

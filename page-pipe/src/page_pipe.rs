@@ -38,7 +38,7 @@ use std::marker::PhantomData;
 use page_pipe_sys::{Errno, NR_PIPES_PER_CHUNK, pipe_max_size_pages};
 
 use crate::backend::{KernelPipes, PipeBackend};
-use crate::builder::{ChunkMode, IovStore, Mode, OwnIovs, SinglePass};
+use crate::builder::{ChunkMode, IovStore, Mode, OwnIovs, PipeSizing, SinglePass};
 use crate::types::{BufFlags, Entry, Hole, HoleFlags, Run};
 
 /// The outcome of an add in [`ChunkMode`].
@@ -339,6 +339,7 @@ pub struct PagePipe<M: Mode = SinglePass, I: IovStore = OwnIovs, B: PipeBackend 
     pub(crate) open_pipes: usize,
     prev: [Option<usize>; 2],
     lazy_pages: bool,
+    initial: Option<u64>,
     grow_cap: u64,
     refused_from: u64,
     pub(crate) cursor: Option<u64>,
@@ -387,11 +388,12 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
         backend: B,
         iovs: I,
         lazy_pages: bool,
-        max_pipe_pages: Option<u64>,
+        sizing: PipeSizing,
     ) -> Result<Self, PipeFail> {
         let ps = backend.page_size().get();
         assert!(ps.is_power_of_two(), "page size {ps} is not a power of two");
-        let cap = max_pipe_pages.unwrap_or(pipe_max_size_pages(ps) as u64);
+        let cap = sizing.max.unwrap_or(pipe_max_size_pages(ps) as u64);
+        let hole_room = iovs.budget().min(crate::builder::PREALLOCATED_RUNS);
         let mut pp = Self {
             grow_cap: cap.min(backend.max_grant_pages()).max(1),
             backend,
@@ -399,12 +401,15 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
             iovs,
             bufs: Vec::new(),
             free: Vec::new(),
-            holes: Vec::new(),
+            // As many holes as runs is a fair guess; reserving address space is cheap, and
+            // spares copying the holes to grow.
+            holes: Vec::with_capacity(hole_room),
             pipes: Vec::new(),
             vacant: Vec::new(),
             open_pipes: 0,
             prev: [None; 2],
             lazy_pages,
+            initial: sizing.initial,
             refused_from: u64::MAX,
             cursor: None,
             epoch: 0,
@@ -753,13 +758,19 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
         if cap >= self.grow_cap {
             return false;
         }
-        let want = cap.saturating_mul(2).min(self.grow_cap);
+        self.resize(slot, cap.saturating_mul(2).min(self.grow_cap))
+    }
+
+    /// Asks for `want` pages for the pipe in `slot`, unless a size as large was refused
+    /// before; whether the kernel granted more than the pipe had.
+    fn resize(&mut self, slot: usize, want: u64) -> bool {
         if want >= self.refused_from {
             return false;
         }
         let s = self.pipes[slot]
             .as_mut()
             .expect("a live buf's pipe is open");
+        let cap = s.capacity;
         match self.backend.resize_pipe(&s.pipe, want) {
             Ok(granted) if granted > cap => {
                 s.capacity = granted;
@@ -840,7 +851,7 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
         };
         self.stats.pipes_made += 1;
         self.open_pipes += 1;
-        Ok(match self.vacant.pop() {
+        let slot = match self.vacant.pop() {
             Some(i) => {
                 self.pipes[i] = Some(slot);
                 i
@@ -849,7 +860,14 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
                 self.pipes.push(Some(slot));
                 self.pipes.len() - 1
             }
-        })
+        };
+        if let Some(initial) = self.initial {
+            let want = initial.min(self.grow_cap);
+            if want > capacity {
+                self.resize(slot, want);
+            }
+        }
+        Ok(slot)
     }
 
     /// One buf stops using the pipe in `slot`; the pipe closes with its last user.
@@ -858,7 +876,7 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
         s.users -= 1;
         if s.users == 0 {
             let s = self.pipes[slot].take().expect("open");
-            self.backend.release_pipe(s.pipe, s.capacity);
+            self.backend.release_pipe(s.pipe, s.capacity, s.filled == 0);
             self.vacant.push(slot);
             self.open_pipes -= 1;
         }
@@ -975,7 +993,7 @@ impl<I: IovStore, B: PipeBackend> PagePipe<ChunkMode, I, B> {
 impl<M: Mode, I: IovStore, B: PipeBackend> Drop for PagePipe<M, I, B> {
     fn drop(&mut self) {
         for s in self.pipes.iter_mut().filter_map(Option::take) {
-            self.backend.release_pipe(s.pipe, s.capacity);
+            self.backend.release_pipe(s.pipe, s.capacity, s.filled == 0);
         }
     }
 }

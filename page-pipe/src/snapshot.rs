@@ -5,14 +5,22 @@
 //! iov budget is used up), captures, dumps, re-inits and goes on, so any amount of memory
 //! passes through at most 8 pipes. With an [`ImageWriter`](crate::image::ImageWriter) as
 //! the sink, the image is the same as one written in a single pass.
+//!
+//! Sinks that gain nothing from pipes (files, where `splice` was measured no faster than
+//! `write` from the mapping; a callback, which can read the memory itself) are fed
+//! straight from memory instead ([`Drain`]): the entries and bytes are the same, and the
+//! memory is borrowed for the whole call either way. Sockets get the pipes.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{KernelPipes, PipePool};
-use crate::builder::{BuildError, ChunkMode, OwnIovs, SinglePass};
-use crate::capture::{CaptureError, CaptureMode, CapturePath, DumpError, DumpSink};
+use crate::builder::{BuildError, ChunkMode, Mode, OwnIovs, SinglePass};
+use crate::capture::{
+    CaptureError, CaptureMode, CapturePath, Captured, DumpError, DumpReport, DumpSink,
+};
+use crate::image::{PageFlags, PagemapEntry};
 use crate::page_pipe::{AddError, PagePipe, Progress};
 use crate::source::Source;
 use crate::types::{BufFlags, HoleFlags};
@@ -40,9 +48,25 @@ pub enum Span {
     },
 }
 
+/// How the pages reach the sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Drain {
+    /// As the sink does best: pipes (capture with `vmsplice`, then `splice`) for
+    /// sockets and pipes, straight from memory for files and callbacks (measured; see
+    /// the README). The default.
+    #[default]
+    Auto,
+    /// Always through pipes.
+    Pipes,
+    /// Always straight from memory: no page pipe, no pipes.
+    Memory,
+}
+
 /// How to take a snapshot.
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
+    /// How pages reach the sink (default [`Drain::Auto`]).
+    pub drain: Drain,
     /// Chunk mode (default on): at most 8 pipes at a time.
     pub chunk_mode: bool,
     /// The iov budget of the page pipe (default 16384 runs).
@@ -60,6 +84,7 @@ pub struct SnapshotOptions {
 impl Default for SnapshotOptions {
     fn default() -> Self {
         Self {
+            drain: Drain::Auto,
             chunk_mode: true,
             iov_budget: 16384,
             lazy_pages: false,
@@ -160,12 +185,26 @@ pub fn snapshot<S: DumpSink + ?Sized>(
     sink: &mut S,
     opts: &SnapshotOptions,
 ) -> Result<SnapshotReport, SnapshotError> {
+    let direct = match opts.drain {
+        Drain::Auto => sink.prefers_copy(),
+        Drain::Pipes => false,
+        Drain::Memory => true,
+    };
+    if direct {
+        let t = Instant::now();
+        let mut report = direct_snapshot(source, plan, sink, opts)?;
+        report.dump_time = t.elapsed();
+        return Ok(report);
+    }
     let mut backend =
         KernelPipes::new().map_err(|e| SnapshotError::Build(BuildError::Limits(e)))?;
     if let Some(pool) = &opts.pool {
         backend = backend.with_pool(Arc::clone(pool));
     }
-    let mut b = PagePipe::builder().lazy_pages(opts.lazy_pages);
+    // Pipes fill up here, so each is sized to the cap at once rather than doubled.
+    let mut b = PagePipe::builder()
+        .lazy_pages(opts.lazy_pages)
+        .initial_pipe_pages(u64::MAX);
     if let Some(m) = opts.max_pipe_pages {
         b = b.max_pipe_pages(m);
     }
@@ -202,6 +241,95 @@ pub fn snapshot<S: DumpSink + ?Sized>(
     Ok(run.report)
 }
 
+/// The direct path: spans go to the sink straight from memory, with the same checks and
+/// entries a page pipe would give.
+fn direct_snapshot<S: DumpSink + ?Sized>(
+    source: &Source<'_>,
+    plan: impl IntoIterator<Item = Span>,
+    sink: &mut S,
+    opts: &SnapshotOptions,
+) -> Result<SnapshotReport, SnapshotError> {
+    let ps = source.page_size() as u64;
+    let mut report = SnapshotReport {
+        pages: 0,
+        hole_pages: 0,
+        chunks: 1,
+        pipes_made: 0,
+        path: CapturePath::Direct,
+        add_time: Duration::ZERO,
+        capture_time: Duration::ZERO,
+        dump_time: Duration::ZERO,
+    };
+    let mut done = DumpReport::default();
+    let mut cursor: Option<u64> = None;
+    let mut slices = Vec::new();
+    for span in plan {
+        let (addr, pages) = match span {
+            Span::Pages { addr, pages, .. } | Span::Hole { addr, pages, .. } => (addr, pages),
+        };
+        if addr % ps != 0 {
+            return Err(SnapshotError::Add(AddError::Unaligned {
+                addr,
+                page_size: ps as usize,
+            }));
+        }
+        if let Some(min) = cursor.filter(|&min| addr < min) {
+            return Err(SnapshotError::Add(AddError::OutOfOrder { addr, min }));
+        }
+        let end = pages
+            .checked_mul(ps)
+            .and_then(|len| addr.checked_add(len))
+            .ok_or(SnapshotError::Add(AddError::Overflow { addr, pages }))?;
+        if pages == 0 {
+            continue;
+        }
+        cursor = Some(end);
+        let fail = |kind, done: &DumpReport| SnapshotError::Dump(DumpError { kind, done: *done });
+        match span {
+            Span::Pages { flags, .. } => {
+                report.pages += pages;
+                let lazy = flags.contains(BufFlags::LAZY);
+                let e = PagemapEntry {
+                    vaddr: addr,
+                    pages,
+                    flags: match (lazy, opts.lazy_pages) {
+                        (false, _) => PageFlags::PRESENT,
+                        (true, false) => PageFlags::LAZY | PageFlags::PRESENT,
+                        (true, true) => PageFlags::LAZY,
+                    },
+                };
+                if e.is_present() {
+                    slices.clear();
+                    source.slices(addr, pages, &mut slices).map_err(|addr| {
+                        SnapshotError::Capture(CaptureError::NotCovered { addr })
+                    })?;
+                    sink.present_bytes(e, &slices).map_err(|k| fail(k, &done))?;
+                    done.present_pages += pages;
+                    done.bytes += pages * ps;
+                } else {
+                    sink.absent(e).map_err(|k| fail(k, &done))?;
+                    done.lazy_kept += pages;
+                }
+                done.entries += 1;
+            }
+            Span::Hole { flags, .. } => {
+                report.hole_pages += pages;
+                if flags.contains(HoleFlags::PARENT) {
+                    let e = PagemapEntry {
+                        vaddr: addr,
+                        pages,
+                        flags: PageFlags::PARENT,
+                    };
+                    sink.absent(e).map_err(|k| fail(k, &done))?;
+                    done.entries += 1;
+                    done.parent_pages += pages;
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
 struct Run {
     report: SnapshotReport,
     mode: CaptureMode,
@@ -232,26 +360,17 @@ impl Run {
         }
         self.report.add_time += t.elapsed();
         self.report.pipes_made = pp.stats().pipes_made;
-        let t = Instant::now();
-        let mut captured = pp
-            .capture_with(source, self.mode)
-            .map_err(SnapshotError::Capture)?;
-        self.report.capture_time += t.elapsed();
-        self.report.path = captured.report().path;
-        let t = Instant::now();
-        captured.dump(sink).map_err(SnapshotError::Dump)?;
-        self.report.dump_time += t.elapsed();
-        self.report.chunks = 1;
+        self.capture_and_dump(pp, source, sink)?;
         Ok(())
     }
 
-    /// Captures and dumps what `pp` holds, and re-inits it.
-    fn flush<S: DumpSink + ?Sized>(
+    /// Captures what `pp` holds and dumps it, counting the time of each.
+    fn capture_and_dump<'m, M: Mode, S: DumpSink + ?Sized>(
         &mut self,
-        pp: PagePipe<ChunkMode, OwnIovs, KernelPipes>,
-        source: &Source<'_>,
+        pp: PagePipe<M, OwnIovs, KernelPipes>,
+        source: &Source<'m>,
         sink: &mut S,
-    ) -> Result<PagePipe<ChunkMode, OwnIovs, KernelPipes>, SnapshotError> {
+    ) -> Result<Captured<'m, M>, SnapshotError> {
         let t = Instant::now();
         let mut captured = pp
             .capture_with(source, self.mode)
@@ -262,7 +381,17 @@ impl Run {
         captured.dump(sink).map_err(SnapshotError::Dump)?;
         self.report.dump_time += t.elapsed();
         self.report.chunks += 1;
-        Ok(captured.reinit())
+        Ok(captured)
+    }
+
+    /// Captures and dumps what `pp` holds, and re-inits it.
+    fn flush<S: DumpSink + ?Sized>(
+        &mut self,
+        pp: PagePipe<ChunkMode, OwnIovs, KernelPipes>,
+        source: &Source<'_>,
+        sink: &mut S,
+    ) -> Result<PagePipe<ChunkMode, OwnIovs, KernelPipes>, SnapshotError> {
+        Ok(self.capture_and_dump(pp, source, sink)?.reinit())
     }
 
     fn chunked<S: DumpSink + ?Sized>(

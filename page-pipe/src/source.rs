@@ -296,6 +296,27 @@ impl<'m> Source<'m> {
         Ok(())
     }
 
+    /// The memory of `pages` pages from `addr` as slices, one per region crossed,
+    /// appended to `out`; the first address not covered when they are not all covered.
+    /// (For a raw region this makes references to the memory, under the contract of
+    /// [`with_raw`](Self::with_raw).)
+    pub(crate) fn slices<'s>(
+        &'s self,
+        addr: u64,
+        pages: u64,
+        out: &mut Vec<&'s [u8]>,
+    ) -> Result<(), u64> {
+        let mut iovs = Vec::new();
+        self.iovs(addr, pages, &mut iovs)?;
+        for iov in iovs {
+            // SAFETY: `iov` was made by `Self::iovs` just above, so it lies within one
+            // region, whose memory is valid for reads and unmodified while `&self` lives
+            // (see `slice`).
+            out.push(unsafe { std::slice::from_raw_parts(iov.base, iov.len) });
+        }
+        Ok(())
+    }
+
     /// Copies the memory of `iovs` (from [`iovs`](Self::iovs) of this source) into the
     /// pipe whose write end is `write_end`, with `write(2)`.
     pub(crate) fn copy_into(

@@ -213,20 +213,20 @@ pub mod strategies {
     /// A configuration over `kernel`.
     pub fn config(kernel: impl Strategy<Value = FakeKernel>) -> impl Strategy<Value = Config> {
         (
-            any::<bool>(),
-            any::<bool>(),
-            any::<bool>(),
+            (any::<bool>(), any::<bool>(), any::<bool>()),
             prop_oneof![1usize..12, 12usize..200],
             proptest::option::weighted(0.3, 1u64..300),
+            proptest::option::weighted(0.2, 1u64..300),
             kernel,
         )
             .prop_map(
-                |(chunk, lazy_pages, caller_iovs, budget, max, kernel)| Config {
+                |((chunk, lazy_pages, caller_iovs), budget, max, initial, kernel)| Config {
                     chunk,
                     lazy_pages,
                     caller_iovs,
                     budget,
                     max_pipe_pages: max,
+                    initial_pipe_pages: initial,
                     kernel,
                 },
             )

@@ -183,7 +183,7 @@ fn pooled_pipes_are_reused_empty_and_bounded() {
     let mut k = backend();
     let (pipe, cap) = k.make_pipe().unwrap();
     page_pipe_sys::write_exact(&pipe.write, &[1u8; 10]).unwrap();
-    k.release_pipe(pipe, cap);
+    k.release_pipe(pipe, cap, false);
     assert!(pool.is_empty());
     assert_eq!(open_fds(), before);
 }

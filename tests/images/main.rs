@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use page_pipe::image::{Image, ImageError, ImageWriter, Page, PageFlags, Pagemap, PagemapEntry};
-use page_pipe::snapshot::{SnapshotOptions, Span, snapshot, spans_from};
+use page_pipe::snapshot::{Drain, SnapshotOptions, Span, snapshot, spans_from};
 use page_pipe::{
     BufFlags, CallbackSink, CaptureError, CaptureMode, CapturePath, DumpErrorKind, FdSink,
     HoleFlags, PagePipe, Source,
@@ -18,6 +18,17 @@ fn ps() -> usize {
 }
 
 const BASE: u64 = 0x7f00_0000_0000;
+
+/// Snapshots through pipes (capture, then dump), whatever the sink prefers.
+const PIPES: SnapshotOptions = SnapshotOptions {
+    drain: Drain::Pipes,
+    chunk_mode: true,
+    iov_budget: 16384,
+    lazy_pages: false,
+    capture: CaptureMode::Auto,
+    max_pipe_pages: None,
+    pool: None,
+};
 
 /// A plan over `pages` pages: runs of captured pages of varying lengths, lazy runs, and
 /// holes in the parent, all decided by the page index.
@@ -67,7 +78,7 @@ fn a_full_snapshot_restores_byte_for_byte() {
         pages: 3000,
         flags: BufFlags::empty(),
     }];
-    let report = snapshot(&source, plan, &mut w, &SnapshotOptions::default()).unwrap();
+    let report = snapshot(&source, plan, &mut w, &PIPES).unwrap();
     let summary = w.finish().unwrap();
     assert_eq!(report.pages, 3000);
     assert!(report.chunks >= 2, "3000 pages do not fit 8 pipes of 256");
@@ -103,17 +114,26 @@ fn chunked_and_single_pass_images_are_identical() {
     let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
     let plan = mixed_plan(pages, true);
     let mut images = Vec::new();
-    for (chunk, budget) in [(false, 1 << 16), (true, 1 << 16), (true, 7)] {
+    let ways = [
+        (false, 1 << 16, Drain::Pipes),
+        (true, 1 << 16, Drain::Pipes),
+        (true, 7, Drain::Pipes),
+        (true, 1 << 16, Drain::Memory),
+    ];
+    for (chunk, budget, drain) in ways {
         let dir = TempDir::new("chunks");
         let mut w = ImageWriter::create(dir.path(), 1).unwrap();
         let opts = SnapshotOptions {
             chunk_mode: chunk,
             iov_budget: budget,
+            drain,
             ..SnapshotOptions::default()
         };
         let report = snapshot(&source, plan.clone(), &mut w, &opts).unwrap();
         w.finish().unwrap();
-        if chunk {
+        if drain == Drain::Memory {
+            assert_eq!((report.path, report.pipes_made), (CapturePath::Direct, 0));
+        } else if chunk {
             assert!(
                 report.pipes_made <= 8,
                 "chunk mode made {} pipes",
@@ -123,6 +143,10 @@ fn chunked_and_single_pass_images_are_identical() {
         }
         images.push(read_files(dir.path()));
     }
+    assert!(
+        images[0] == images[3],
+        "the image written from memory differs"
+    );
     assert!(
         images[0] == images[1],
         "chunked image differs from single pass"
@@ -302,6 +326,7 @@ fn copying_capture_writes_the_same_image() {
         let mut w = ImageWriter::create(dir.path(), 1).unwrap();
         let opts = SnapshotOptions {
             capture: mode,
+            drain: Drain::Pipes,
             ..SnapshotOptions::default()
         };
         let r = snapshot(&source, plan.clone(), &mut w, &opts).unwrap();
@@ -803,7 +828,7 @@ fn a_seccomp_refusal_of_vmsplice_falls_back_to_copying() {
         pages: 600,
         flags: BufFlags::empty(),
     }];
-    let r = snapshot(&source, plan, &mut w, &SnapshotOptions::default()).unwrap();
+    let r = snapshot(&source, plan, &mut w, &PIPES).unwrap();
     w.finish().unwrap();
     assert_eq!(r.path, CapturePath::Copy);
     let mut back = vec![0u8; mem.len()];
@@ -837,4 +862,47 @@ fn a_captured_page_pipe_is_dumped_by_another_thread() {
         .read(BASE, &mut back)
         .unwrap();
     assert!(back == mem[..]);
+}
+
+/// Through the snapshot driver a callback gets the memory itself, with the same entries
+/// and bytes the pipe path gives.
+#[test]
+fn a_callback_sink_is_fed_from_memory_with_the_same_entries() {
+    let mem = patterned(900, 17);
+    let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+    let plan = mixed_plan(900, true);
+    let mut outs = Vec::new();
+    for drain in [Drain::Auto, Drain::Pipes] {
+        let mut got: Vec<(PagemapEntry, Vec<u8>)> = Vec::new();
+        let mut sink = CallbackSink::new(|e: &PagemapEntry, pages: &[u8]| {
+            got.push((*e, pages.to_vec()));
+            Ok(())
+        });
+        let opts = SnapshotOptions {
+            drain,
+            ..SnapshotOptions::default()
+        };
+        let r = snapshot(&source, plan.clone(), &mut sink, &opts).unwrap();
+        drop(sink);
+        assert_eq!(r.path == CapturePath::Direct, drain == Drain::Auto);
+        // Join contiguous entries with equal flags, as an image writer would.
+        let mut joined: Vec<(PagemapEntry, Vec<u8>)> = Vec::new();
+        for (e, bytes) in got {
+            match joined.last_mut() {
+                Some((l, b)) if l.flags == e.flags && l.end(ps()) == Some(e.vaddr) => {
+                    l.pages += e.pages;
+                    b.extend(bytes);
+                }
+                _ => joined.push((e, bytes)),
+            }
+        }
+        for (e, bytes) in &joined {
+            if e.is_present() {
+                let off = (e.vaddr - BASE) as usize;
+                assert!(bytes[..] == mem[off..off + bytes.len()]);
+            }
+        }
+        outs.push(joined);
+    }
+    assert!(outs[0] == outs[1]);
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use page_pipe::image::{Image, ImageError, ImageWriter};
 use page_pipe::model::{Config, Op, check_sequence};
-use page_pipe::snapshot::{SnapshotError, SnapshotOptions, Span, snapshot};
+use page_pipe::snapshot::{Drain, SnapshotError, SnapshotOptions, Span, snapshot};
 use page_pipe::{
     AddError, BufFlags, DumpErrorKind, FakeKernel, FakePipes, FdSink, PagePipe, Source,
 };
@@ -166,7 +166,7 @@ fn valid_prefix(dir: &std::path::Path, mem: &[u8]) -> u64 {
     pages
 }
 
-fn failing_snapshot(dir: &std::path::Path, mem: &[u8], pages: u64) -> SnapshotError {
+fn failing_snapshot(dir: &std::path::Path, mem: &[u8], pages: u64, drain: Drain) -> SnapshotError {
     let source = Source::new().with_slice(BASE, mem).unwrap();
     let mut w = ImageWriter::create(dir, 1).unwrap();
     // Runs with gaps, so that the image has many entries.
@@ -177,7 +177,11 @@ fn failing_snapshot(dir: &std::path::Path, mem: &[u8], pages: u64) -> SnapshotEr
             flags: BufFlags::empty(),
         })
         .collect();
-    let err = snapshot(&source, plan, &mut w, &SnapshotOptions::default()).unwrap_err();
+    let opts = SnapshotOptions {
+        drain,
+        ..SnapshotOptions::default()
+    };
+    let err = snapshot(&source, plan, &mut w, &opts).unwrap_err();
     drop(w);
     err
 }
@@ -205,29 +209,35 @@ fn a_full_disk_leaves_a_valid_prefix() {
     let _guard = Unmount(mount.path());
     let pages = 4096u64; // 16 MiB into 4 MiB
     let mem = patterned(pages as usize, 32);
-    let dir = mount.path().join("img");
-    match failing_snapshot(&dir, &mem, pages) {
-        SnapshotError::Dump(e) => {
-            match &e.kind {
-                DumpErrorKind::Image(ie) => {
-                    let ImageError::Io { path, error, .. } = ie.as_ref() else {
-                        panic!("{ie}")
-                    };
-                    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{ie}");
-                    assert!(path.ends_with("pages-1.img"));
+    for drain in [Drain::Pipes, Drain::Memory] {
+        let dir = mount.path().join("img");
+        match failing_snapshot(&dir, &mem, pages, drain) {
+            SnapshotError::Dump(e) => {
+                match &e.kind {
+                    DumpErrorKind::Image(ie) => {
+                        let ImageError::Io { path, error, .. } = ie.as_ref() else {
+                            panic!("{ie}")
+                        };
+                        assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{ie}");
+                        assert!(path.ends_with("pages-1.img"));
+                    }
+                    k => panic!("{k:?}"),
                 }
-                k => panic!("{k:?}"),
+                assert!(
+                    e.done.present_pages > 0,
+                    "some pages went out before the disk filled"
+                );
+                assert!(e.to_string().contains("pages written"), "{e}");
             }
-            assert!(
-                e.done.present_pages > 0,
-                "some pages went out before the disk filled"
-            );
-            assert!(e.to_string().contains("pages written"), "{e}");
+            e => panic!("{drain:?}: {e}"),
         }
-        e => panic!("{e}"),
+        let kept = valid_prefix(&dir, &mem);
+        assert!(
+            kept > 0 && kept < pages * 7 / 8,
+            "{drain:?}: {kept} pages kept"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
-    let kept = valid_prefix(&dir, &mem);
-    assert!(kept > 0 && kept < pages * 7 / 8, "{kept} pages kept");
 }
 
 /// A file size limit (`EFBIG` under `RLIMIT_FSIZE`): likewise a valid prefix.
@@ -241,26 +251,32 @@ fn a_file_size_limit_leaves_a_valid_prefix() {
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let pages = 2048u64;
     let mem = patterned(pages as usize, 33);
-    let dir = TempDir::new("efbig");
     let lim = libc::rlimit {
         rlim_cur: 1 << 20,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: `lim` is a valid rlimit for the call.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) }, 0);
-    let err = failing_snapshot(dir.path(), &mem, pages);
-    let SnapshotError::Dump(e) = err else {
-        panic!("{err}")
-    };
-    let DumpErrorKind::Image(ie) = &e.kind else {
-        panic!("{e}")
-    };
-    let ImageError::Io { error, .. } = ie.as_ref() else {
-        panic!("{ie}")
-    };
-    assert_eq!(error.raw_os_error(), Some(libc::EFBIG), "{ie}");
-    let kept = valid_prefix(dir.path(), &mem);
-    assert_eq!(kept * ps(), 1 << 20, "the pages file fills to the limit");
+    for drain in [Drain::Pipes, Drain::Memory] {
+        let dir = TempDir::new("efbig");
+        let err = failing_snapshot(dir.path(), &mem, pages, drain);
+        let SnapshotError::Dump(e) = err else {
+            panic!("{err}")
+        };
+        let DumpErrorKind::Image(ie) = &e.kind else {
+            panic!("{e}")
+        };
+        let ImageError::Io { error, .. } = ie.as_ref() else {
+            panic!("{ie}")
+        };
+        assert_eq!(error.raw_os_error(), Some(libc::EFBIG), "{ie}");
+        // The pages file ends at the last whole entry (7 pages) below the limit.
+        let kept = valid_prefix(dir.path(), &mem) * ps();
+        assert!(
+            kept <= 1 << 20 && kept > (1 << 20) - 7 * ps(),
+            "{drain:?}: {kept} bytes kept"
+        );
+    }
 }
 
 /// A socket whose reader went away (`EPIPE`): the error names the entry; nothing is

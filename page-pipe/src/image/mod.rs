@@ -798,7 +798,7 @@ impl ImageWriter {
             self.pages.as_fd(),
             Some(&mut off),
             len,
-            SpliceFlags::MORE,
+            SpliceFlags::empty(),
         );
         if let Err(partial) = r {
             let error = match partial.stopped {
@@ -820,22 +820,37 @@ impl ImageWriter {
     /// As [`push_from_pipe`](Self::push_from_pipe); [`ImageError::Order`] also when
     /// `bytes` is not `e.pages` pages long.
     pub fn push_bytes(&mut self, e: PagemapEntry, bytes: &[u8]) -> Result<(), ImageError> {
+        self.push_slices(e, &[bytes])
+    }
+
+    /// Adds a `PRESENT` entry with its pages given as slices that together are `e.pages`
+    /// pages.
+    pub(crate) fn push_slices(
+        &mut self,
+        e: PagemapEntry,
+        bytes: &[&[u8]],
+    ) -> Result<(), ImageError> {
         let e = PagemapEntry {
             flags: e.flags | PageFlags::PRESENT,
             ..e
         };
         self.check_order(&e)?;
-        if bytes.len() as u64 != e.pages * self.page_size as u64 {
+        let total: usize = bytes.iter().map(|b| b.len()).sum();
+        if total as u64 != e.pages * self.page_size as u64 {
             return Err(ImageError::Order {
                 path: self.pagemap_path.clone(),
                 entry: e,
             });
         }
         let start = self.pages_off;
-        if let Err(error) = write_all_at(&self.pages, bytes, start) {
-            return Err(self.fail_pages(start, "write pages", error));
+        let mut off = start;
+        for b in bytes {
+            if let Err(error) = write_all_at(&self.pages, b, off) {
+                return Err(self.fail_pages(start, "write pages", error));
+            }
+            off += b.len() as u64;
         }
-        self.pages_off += bytes.len() as u64;
+        self.pages_off = off;
         self.record(e)
     }
 

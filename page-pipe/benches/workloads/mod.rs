@@ -1,0 +1,260 @@
+//! The workloads that `benches/sinks.rs` (criterion) and `examples/bench.rs` (one table
+//! of ratios) measure: ours and the baselines a user would otherwise write.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+
+use memmap2::{MmapMut, MmapOptions};
+use page_pipe::image::{Image, ImageWriter};
+use page_pipe::snapshot::{Drain, SnapshotOptions, Span, snapshot};
+use page_pipe::{BufFlags, Captured, FdSink, KernelPipes, PagePipe, PipePool, Source};
+use page_pipe_sys::{Pipe, SpliceFlags, pipe, set_pipe_capacity, vmsplice_all};
+
+/// A region of anonymous memory filled with a pattern.
+pub struct Region {
+    pub mem: MmapMut,
+    pub ps: usize,
+    pub pages: u64,
+}
+
+impl Region {
+    pub fn new(bytes: u64) -> Self {
+        let ps = page_pipe_sys::page_size().get();
+        let pages = bytes.div_ceil(ps as u64);
+        let mut mem = MmapOptions::new()
+            .len(pages as usize * ps)
+            .map_anon()
+            .expect("map the region");
+        for (i, p) in mem.chunks_exact_mut(ps).enumerate() {
+            p.fill(i as u8);
+            p[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        }
+        Self { mem, ps, pages }
+    }
+
+    pub fn base(&self) -> u64 {
+        self.mem.as_ptr() as u64
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.mem.len() as u64
+    }
+
+    pub fn source(&self) -> Source<'_> {
+        Source::new()
+            .with_slice(self.base(), &self.mem[..])
+            .expect("a valid region")
+    }
+
+    /// The whole region as one span.
+    pub fn plan(&self) -> [Span; 1] {
+        [Span::Pages {
+            addr: self.base(),
+            pages: self.pages,
+            flags: BufFlags::empty(),
+        }]
+    }
+}
+
+/// The largest pipe the kernel grants here, in pages (capped at CRIU's PIPE_MAX_SIZE).
+pub fn pipe_pages() -> usize {
+    let l = page_pipe_sys::PipeLimits::get().expect("pipe limits");
+    l.max_grant_pages()
+        .min(page_pipe_sys::pipe_max_size_pages(l.page_size.get()))
+}
+
+/// Ours: record the region and capture it into pipes, sized at once (a bulk capture
+/// fills them), made fresh or taken from `pool`.
+pub fn capture<'m>(
+    r: &'m Region,
+    source: &Source<'m>,
+    pool: Option<&Arc<PipePool>>,
+) -> Captured<'m> {
+    let mut backend = KernelPipes::new().expect("limits");
+    if let Some(pool) = pool {
+        backend = backend.with_pool(Arc::clone(pool));
+    }
+    let mut pp = PagePipe::builder()
+        .iov_budget(r.pages as usize)
+        .initial_pipe_pages(u64::MAX)
+        .build_with(backend)
+        .expect("build");
+    pp.add_pages(r.base(), r.pages, BufFlags::empty())
+        .expect("add");
+    pp.capture(source).expect("capture")
+}
+
+/// Empties a captured page pipe's pipes, so that they can go back to a pool.
+pub fn discard(mut c: Captured<'_>) {
+    let null = File::options()
+        .write(true)
+        .open("/dev/null")
+        .expect("/dev/null");
+    c.dump(&mut FdSink::new(null)).expect("discard");
+}
+
+/// Pipes of the largest size, enough for the region.
+pub fn make_pipes(r: &Region) -> Vec<Pipe> {
+    let per = pipe_pages() * r.ps;
+    r.mem
+        .chunks(per)
+        .map(|_| {
+            let p = pipe().expect("pipe");
+            set_pipe_capacity(&p.write, per).expect("F_SETPIPE_SZ");
+            p
+        })
+        .collect()
+}
+
+/// The kernel's limit: one `vmsplice` into each pipe.
+pub fn bare_vmsplice_into(r: &Region, pipes: &[Pipe]) {
+    let per = pipe_pages() * r.ps;
+    for (chunk, p) in r.mem.chunks(per).zip(pipes) {
+        // SAFETY: `p.write` is a pipe's write end; the chunk is whole pages of the region,
+        // which nobody modifies while the pipes hold them (callers empty or drop the pipes
+        // first).
+        unsafe {
+            vmsplice_all(
+                &p.write,
+                &[chunk],
+                SpliceFlags::GIFT | SpliceFlags::NONBLOCK,
+            )
+        }
+        .expect("vmsplice");
+    }
+}
+
+/// The kernel's limit with fresh pipes: make them, then one `vmsplice` into each.
+pub fn bare_vmsplice(r: &Region) -> Vec<Pipe> {
+    let pipes = make_pipes(r);
+    bare_vmsplice_into(r, &pipes);
+    pipes
+}
+
+/// Empties pipes filled by `bare_vmsplice_into`.
+pub fn empty_pipes(r: &Region, pipes: &[Pipe]) {
+    let null = File::options()
+        .write(true)
+        .open("/dev/null")
+        .expect("/dev/null");
+    let per = pipe_pages() * r.ps;
+    for (chunk, p) in r.mem.chunks(per).zip(pipes) {
+        page_pipe_sys::splice_exact(
+            &p.read,
+            None,
+            &null,
+            None,
+            chunk.len(),
+            SpliceFlags::empty(),
+        )
+        .expect("splice");
+    }
+}
+
+/// What a copying tool does: copy the region into a buffer.
+pub fn memcpy(r: &Region, buf: &mut [u8]) {
+    buf.copy_from_slice(&r.mem[..]);
+}
+
+fn opts(drain: Drain) -> SnapshotOptions {
+    SnapshotOptions {
+        drain,
+        ..SnapshotOptions::default()
+    }
+}
+
+/// Ours: a whole snapshot into an image directory.
+pub fn dump_image(r: &Region, dir: &Path, drain: Drain) {
+    let source = r.source();
+    let mut w = ImageWriter::create(dir, 1).expect("create the image");
+    snapshot(&source, r.plan(), &mut w, &opts(drain)).expect("snapshot");
+    w.finish().expect("finish");
+}
+
+/// Firecracker's loop: `write_all` of each run from the mapping, seeking to its place.
+pub fn firecracker(r: &Region, path: &Path) {
+    let mut f = File::create(path).expect("create");
+    let run = 64 << 20;
+    for (i, chunk) in r.mem.chunks(run).enumerate() {
+        f.seek(SeekFrom::Start((i * run) as u64)).expect("seek");
+        f.write_all(chunk).expect("write");
+    }
+}
+
+/// A connected pair: the read end for a draining thread, the write end for the sender.
+pub type Pair = (Box<dyn Read + Send>, OwnedFd);
+
+pub fn unix_pair() -> Pair {
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    (Box::new(a), b.into())
+}
+
+pub fn tcp_pair(listener: &TcpListener) -> Pair {
+    let w = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (r, _) = listener.accept().expect("accept");
+    (Box::new(r), w.into())
+}
+
+fn drain_thread(mut r: Box<dyn Read + Send>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n as u64,
+            }
+        }
+    })
+}
+
+/// Ours: a whole snapshot into a socket, a reader thread draining it.
+pub fn to_socket(r: &Region, pair: Pair, drain: Drain) {
+    let (rx, tx) = pair;
+    let reader = drain_thread(rx);
+    let source = r.source();
+    let mut sink = FdSink::new(tx);
+    snapshot(&source, r.plan(), &mut sink, &opts(drain)).expect("snapshot");
+    drop(sink);
+    assert_eq!(reader.join().expect("reader"), r.bytes());
+}
+
+/// The baseline: `write` from the mapping, 1 MiB at a time.
+pub fn write_socket(r: &Region, pair: Pair) {
+    let (rx, tx) = pair;
+    let reader = drain_thread(rx);
+    let mut tx = File::from(tx);
+    for chunk in r.mem.chunks(1 << 20) {
+        tx.write_all(chunk).expect("write");
+    }
+    drop(tx);
+    assert_eq!(reader.join().expect("reader"), r.bytes());
+}
+
+/// Ours: restore the image into `dst`.
+pub fn restore(dir: &Path, base: u64, dst: &mut [u8]) {
+    let img = Image::open(dir).expect("open the image");
+    img.read(base, dst).expect("read");
+}
+
+/// The baseline: `pread` the pages file into `dst`, 1 MiB at a time.
+pub fn pread(path: &Path, dst: &mut [u8]) {
+    let f = File::open(path).expect("open");
+    for (i, chunk) in dst.chunks_mut(1 << 20).enumerate() {
+        f.read_exact_at(chunk, (i << 20) as u64).expect("pread");
+    }
+}
+
+/// A mapping of `bytes`, touched so that its page faults are out of the way.
+pub fn touched(bytes: usize) -> MmapMut {
+    let mut m = MmapOptions::new().len(bytes).map_anon().expect("map");
+    m.fill(1);
+    m
+}
