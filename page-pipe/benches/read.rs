@@ -97,7 +97,9 @@ fn bench(c: &mut Criterion) {
 
         // The bare calls over pipes laid out the same way (256 pages each), with the
         // position of every page known beforehand.
-        let per_pipe = captured.page_pipe().bufs().next().unwrap().capacity as usize;
+        // The size of the pipes the pages are in (the first buf is the empty one every page
+        // pipe starts with, in a pipe of its own).
+        let per_pipe = captured.page_pipe().bufs().map(|b| b.capacity).max().unwrap() as usize;
         let mut pipes = Vec::new();
         for chunk in (0..n as usize).collect::<Vec<_>>().chunks(per_pipe) {
             let p = pipe().unwrap();

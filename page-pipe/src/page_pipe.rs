@@ -634,17 +634,42 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
         n: u64,
         flags: BufFlags,
     ) -> Result<Outcome, AddError> {
+        let shift = self.page_shift;
         let f = &mut self.fast;
-        if f.extend && addr == f.end && flags == f.flags && n <= f.room && n > 0 {
-            // The pages extend the last run of the last buf, whose pipe has room: the
-            // end cannot overflow, as the pipe's free pages lie below it.
-            f.end += n << self.page_shift;
-            f.room -= n;
-            self.iovs.runs_mut()[f.run].pages += n;
-            self.bufs[f.buf].pages += n;
-            self.stats.pages += n;
-            self.cursor = Some(f.end);
-            return Ok(Outcome::Done);
+        if flags == f.flags && n <= f.room && n > 0 {
+            let end = (n << shift).checked_add(addr);
+            if f.extend
+                && addr == f.end
+                && let Some(end) = end
+            {
+                // The pages extend the last run of the last buf, whose pipe has room.
+                f.end = end;
+                f.room -= n;
+                self.iovs.runs_mut()[f.run].pages += n;
+                self.bufs[f.buf].pages += n;
+                self.stats.pages += n;
+                self.cursor = Some(end);
+                return Ok(Outcome::Done);
+            }
+            if let (Some(end), Some(min)) = (end, self.cursor)
+                && addr & ((1 << shift) - 1) == 0
+                && addr >= min
+                && self.iovs.runs().len() < self.iovs.budget()
+            {
+                // A new run in the last buf, whose pipe has room: the last run does not
+                // end at `addr` (else the branch above took it), so it cannot extend.
+                self.iovs.push(Run::new(addr, n));
+                let b = &mut self.bufs[f.buf];
+                b.nr_runs += 1;
+                b.pages += n;
+                f.run = b.first_run + b.nr_runs - 1;
+                f.end = end;
+                f.extend = true;
+                f.room -= n;
+                self.stats.pages += n;
+                self.cursor = Some(end);
+                return Ok(Outcome::Done);
+            }
         }
         self.add_run_slow(addr, n, flags)
     }
@@ -1322,6 +1347,27 @@ mod tests {
         }
         .to_string();
         assert!(msg.contains("0x1000") && msg.contains("0x3000"), "{msg}");
+    }
+
+    #[test]
+    fn the_fast_paths_check_the_end_of_the_address_space() {
+        let mut pp = single(8);
+        let top = u64::MAX - PS + 1; // the last page
+        pp.add_page(top - 2 * PS, BufFlags::empty()).unwrap();
+        // Extending the last run, then a new run, up to the last page: fine.
+        pp.add_page(top - PS, BufFlags::empty()).unwrap();
+        // A page whose end is 2^64 cannot be added, whichever path looks at it.
+        assert_eq!(
+            pp.add_page(top, BufFlags::empty()),
+            Err(AddError::Overflow { addr: top, pages: 1 })
+        );
+        let mut pp = single(8);
+        pp.add_page(top - 4 * PS, BufFlags::empty()).unwrap();
+        assert_eq!(
+            pp.add_page(top, BufFlags::empty()),
+            Err(AddError::Overflow { addr: top, pages: 1 })
+        );
+        assert_eq!(pp.next_addr(), Some(top - 3 * PS));
     }
 
     #[test]
