@@ -99,7 +99,12 @@ fn bench(c: &mut Criterion) {
         // position of every page known beforehand.
         // The size of the pipes the pages are in (the first buf is the empty one every page
         // pipe starts with, in a pipe of its own).
-        let per_pipe = captured.page_pipe().bufs().map(|b| b.capacity).max().unwrap() as usize;
+        let per_pipe = captured
+            .page_pipe()
+            .bufs()
+            .map(|b| b.capacity)
+            .max()
+            .unwrap() as usize;
         let mut pipes = Vec::new();
         for chunk in (0..n as usize).collect::<Vec<_>>().chunks(per_pipe) {
             let p = pipe().unwrap();

@@ -1359,13 +1359,19 @@ mod tests {
         // A page whose end is 2^64 cannot be added, whichever path looks at it.
         assert_eq!(
             pp.add_page(top, BufFlags::empty()),
-            Err(AddError::Overflow { addr: top, pages: 1 })
+            Err(AddError::Overflow {
+                addr: top,
+                pages: 1
+            })
         );
         let mut pp = single(8);
         pp.add_page(top - 4 * PS, BufFlags::empty()).unwrap();
         assert_eq!(
             pp.add_page(top, BufFlags::empty()),
-            Err(AddError::Overflow { addr: top, pages: 1 })
+            Err(AddError::Overflow {
+                addr: top,
+                pages: 1
+            })
         );
         assert_eq!(pp.next_addr(), Some(top - 3 * PS));
     }
