@@ -328,16 +328,12 @@ pub unsafe fn vmsplice_raw(
         batch.clear();
         batch.push(iovs[first].skip(skip));
         batch.extend(iovs[first + 1..].iter().take(UIO_MAXIOV - 1));
-        // SAFETY: `RawIov` has the layout of `struct iovec`, as `IoSliceRaw` does
-        // (checked above), and neither has invalid values, so the cast only renames the
-        // element type of a live slice.
-        let raw: &[IoSliceRaw<'_>] =
-            unsafe { &*(batch.as_slice() as *const [RawIov] as *const [IoSliceRaw<'_>]) };
-        // SAFETY:
-        // - `fd` is a pipe's write end (this function's contract), so the kernel only
-        //   reads the memory, and reports EFAULT for memory that is not mapped;
-        // - the GIFT obligations are this function's contract too;
-        // - `raw` has at most UIO_MAXIOV entries.
+        let raw = batch.as_slice() as *const [RawIov] as *const [IoSliceRaw<'_>];
+        // SAFETY: `RawIov` and `IoSliceRaw` both have the layout of `struct iovec` (checked
+        // above) and no invalid values: the cast only renames a live slice's element type.
+        let raw = unsafe { &*raw };
+        // SAFETY: - `fd` is a pipe's write end (our contract): the kernel only reads memory;
+        // - the GIFT obligations are our contract too; - `raw` has at most UIO_MAXIOV iovecs.
         let r = unsafe { rustix::pipe::vmsplice(fd, raw, flags) };
         match r {
             Ok(0) => {

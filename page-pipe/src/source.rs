@@ -341,14 +341,9 @@ impl<'m> Source<'m> {
 
     fn slice(&self, r: &Region, off: usize, len: usize) -> &[u8] {
         debug_assert!(off + len <= r.len);
-        // SAFETY:
-        // - `off + len <= r.len`, checked by both callers, so the range lies within the
-        //   region;
-        // - the region's memory is valid for reads and not modified for `'m`, which
-        //   outlives `&self`: a borrowed slice guarantees it by its lifetime, an owned map
-        //   by being owned by `self`, a raw region by the `with_raw` contract;
-        // - `u8` has no alignment or validity requirements beyond initialised memory,
-        //   which mapped memory is.
+        // SAFETY: - the range lies in the region (`off + len <= r.len`, both callers check);
+        // - the region is readable and unmodified for 'm, which outlives `&self` (by lifetime,
+        //   ownership, or the `with_raw` contract); - any initialised byte is a valid `u8`.
         unsafe { std::slice::from_raw_parts(r.ptr.as_ptr().add(off), len) }
     }
 }
@@ -370,24 +365,16 @@ pub(crate) fn vmsplice_pages(
     } else {
         SpliceFlags::NONBLOCK
     };
-    // SAFETY:
-    // - `write_end` is the write end of a page pipe's pipe (the capture passes only
-    //   those), so the kernel only reads the memory;
-    // - the iovecs come from a `Source`, whose rules make them whole pages that start on
-    //   a page boundary (memory that is not mapped, against the contract of
-    //   `Source::with_raw`, makes the kernel report EFAULT: only the kernel touches it);
-    // - the memory is borrowed (or owned, or promised by `with_raw`) for 'm, and the
-    //   `Captured<'m>` the capture returns keeps 'm alive while the pages sit in pipes,
-    //   so safe code cannot modify them meanwhile.
+    // SAFETY: - `write_end` is a pipe's write end (the capture passes only those);
+    // - the iovecs are whole, aligned pages of a `Source` (unmapped memory gives EFAULT);
+    // - the `Captured<'m>` keeps that memory unmodified while its pages sit in pipes.
     unsafe { page_pipe_sys::vmsplice_raw(write_end, pages, flags) }
 }
 
 /// Maps `file` read-only, for reading an image's pages file.
 pub(crate) fn map_readonly(file: &std::fs::File) -> std::io::Result<Mmap> {
-    // SAFETY: `Mmap::map` is unsafe because the file may change or shrink while it is
-    // mapped, changing bytes behind shared references or raising SIGBUS. This crate
-    // opens the file read-only and never writes it while mapped; `Image` documents that
-    // its files must not be changed by others while it is open.
+    // SAFETY: the file must not change or shrink while mapped: this crate only reads it,
+    // and `Image` documents that others must not change its files while it is open.
     unsafe { Mmap::map(file) }
 }
 
