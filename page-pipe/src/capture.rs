@@ -227,41 +227,44 @@ impl<M: Mode, I: IovStore> PagePipe<M, I, KernelPipes> {
             let mut done = 0usize;
             while done < want {
                 let rest = skip_bytes(bufs, done);
-                let (r, flags) = match path {
-                    CapturePath::VmspliceGift => (vmsplice_pages(&pipe.write, &rest, true), 0),
-                    CapturePath::Vmsplice => (vmsplice_pages(&pipe.write, &rest, false), 1),
-                    CapturePath::Copy | CapturePath::Direct => {
-                        (source.copy_into(&pipe.write, &rest), 2)
+                let r = match path {
+                    CapturePath::VmspliceGift => vmsplice_pages(&pipe.write, &rest, true),
+                    CapturePath::Vmsplice => vmsplice_pages(&pipe.write, &rest, false),
+                    CapturePath::Copy | CapturePath::Direct => source.copy_into(&pipe.write, &rest),
+                };
+                let partial = match r {
+                    Ok(n) => {
+                        done += n;
+                        continue;
+                    }
+                    Err(partial) => partial,
+                };
+                done += partial.done;
+                // Refusals of the flag or of vmsplice itself move on to the next path;
+                // anything else stops the capture.
+                path = match (partial.stopped, path) {
+                    (
+                        Stopped::Errno(Errno::OPNOTSUPP | Errno::INVAL),
+                        CapturePath::VmspliceGift,
+                    ) => CapturePath::Vmsplice,
+                    (
+                        Stopped::Errno(Errno::PERM | Errno::NOSYS | Errno::OPNOTSUPP),
+                        CapturePath::VmspliceGift | CapturePath::Vmsplice,
+                    ) => CapturePath::Copy,
+                    (stopped, _) => {
+                        let errno = match stopped {
+                            Stopped::Errno(e) => e,
+                            Stopped::EndOfData => Errno::IO,
+                        };
+                        let page = done as u64 / ps;
+                        let runs = &runs[b.first_run..b.first_run + b.nr_runs];
+                        return Err(CaptureError::Kernel {
+                            addr: nth_page(runs, page, ps),
+                            errno,
+                            captured: captured + page,
+                        });
                     }
                 };
-                match r {
-                    Ok(n) => done += n,
-                    Err(partial) => {
-                        done += partial.done;
-                        path = match (partial.stopped, flags) {
-                            (Stopped::Errno(Errno::OPNOTSUPP | Errno::INVAL), 0) => {
-                                CapturePath::Vmsplice
-                            }
-                            (
-                                Stopped::Errno(Errno::PERM | Errno::NOSYS | Errno::OPNOTSUPP),
-                                0 | 1,
-                            ) => CapturePath::Copy,
-                            (stopped, _) => {
-                                let errno = match stopped {
-                                    Stopped::Errno(e) => e,
-                                    Stopped::EndOfData => Errno::IO,
-                                };
-                                let page = done as u64 / ps;
-                                let runs = &runs[b.first_run..b.first_run + b.nr_runs];
-                                return Err(CaptureError::Kernel {
-                                    addr: nth_page(runs, page, ps),
-                                    errno,
-                                    captured: captured + page,
-                                });
-                            }
-                        };
-                    }
-                }
             }
             debug_assert_eq!(done, want);
             captured += pages;

@@ -27,7 +27,7 @@ use page_pipe_sys::{Errno, NR_PIPES_PER_CHUNK, pipe_max_size_pages};
 
 use crate::backend::{FakeKernel, PipeBackend};
 use crate::builder::{IovStore, Mode};
-use crate::page_pipe::{AddError, Outcome, PagePipe, Stats};
+use crate::page_pipe::{AddError, Outcome, PagePipe, Progress, Stats};
 use crate::types::{BufFlags, Hole, HoleFlags, Run};
 
 /// How a page pipe (and its model) is set up.
@@ -145,9 +145,6 @@ pub struct Model {
     pub stats: Stats,
 }
 
-/// Why a model could not be made (mirrors [`BuildError`](crate::BuildError)).
-pub type ModelBuildError = AddError;
-
 enum Step {
     Added,
     Full,
@@ -159,7 +156,7 @@ impl Model {
     ///
     /// # Errors
     /// The error of the first pipe, with address 0.
-    pub fn new(cfg: Config) -> Result<Self, ModelBuildError> {
+    pub fn new(cfg: Config) -> Result<Self, AddError> {
         let ps = cfg.kernel.page_size.get() as u64;
         let cap = cfg
             .max_pipe_pages
@@ -458,9 +455,6 @@ fn budget_err(budget: usize) -> ErrAt {
 fn make_err(errno: Errno) -> ErrAt {
     Box::new(move |addr, added| AddError::MakePipe { addr, errno, added })
 }
-
-/// The outcome of a model add, as [`crate::Progress`] in either mode.
-pub type Progress = crate::Progress;
 
 /// Compares every observable of a page pipe with the model: its live bufs (flags, runs,
 /// pages, pipe offset, capacity, pipe), holes, counters, open pipes, free list, runs used
@@ -807,7 +801,7 @@ pub fn check_sequence<B: PipeBackend>(
 
 fn go<M: Mode, I: IovStore, B: PipeBackend>(
     built: Result<PagePipe<M, I, B>, crate::BuildError>,
-    model: Result<Model, ModelBuildError>,
+    model: Result<Model, AddError>,
     ops: &[Op],
     base: u64,
 ) -> Result<(), String> {
