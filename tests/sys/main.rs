@@ -237,10 +237,16 @@ fn probe_answers_consistently() {
     assert_eq!(a, b);
     let text = a.to_string();
     assert!(text.starts_with("vmsplice: "), "{text}");
-    if a.mode == VmspliceMode::Copies {
-        // Kernels that copy refuse the gift flag; the probe must say so, not crash.
-        assert!(matches!(a.gift, GiftSupport::Refused(_)) || a.gift == GiftSupport::Accepted);
+    // A refused vmsplice refuses the gift too, with the same errno; an accepted gift
+    // means vmsplice itself works.
+    match (a.mode, a.gift) {
+        (VmspliceMode::Refused(e), g) => assert_eq!(g, GiftSupport::Refused(e)),
+        (_, GiftSupport::Accepted) => {}
+        (_, GiftSupport::Refused(e)) => {
+            assert_ne!(e, Errno::PERM, "EPERM would refuse vmsplice itself")
+        }
     }
+    assert!(text.contains("SPLICE_F_GIFT"), "{text}");
 }
 
 #[test]
