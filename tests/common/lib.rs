@@ -274,6 +274,21 @@ impl Drop for TempDir {
     }
 }
 
+/// Asserts that the image in `dir`, read through its parent chain from `base`, holds
+/// exactly `mem`.
+pub fn assert_restores(dir: &std::path::Path, base: u64, mem: &[u8]) {
+    let mut back = vec![0u8; mem.len()];
+    page_pipe::image::Image::open(dir)
+        .unwrap_or_else(|e| panic!("open {}: {e}", dir.display()))
+        .read(base, &mut back)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()));
+    assert!(
+        back == mem,
+        "the image in {} differs from the memory",
+        dir.display()
+    );
+}
+
 /// `pages` pages of anonymous memory filled with [`fill_pattern`] and `seed`.
 pub fn patterned(pages: usize, seed: u8) -> memmap2::MmapMut {
     let ps = page_pipe_sys::page_size().get();

@@ -11,7 +11,7 @@ use page_pipe::{
     BufFlags, CallbackSink, CaptureError, CaptureMode, CapturePath, DumpErrorKind, FdSink,
     HoleFlags, PagePipe, Source,
 };
-use page_pipe_tests::{TempDir, alone, crit, fixtures, open_fds, patterned};
+use page_pipe_tests::{TempDir, alone, assert_restores, crit, fixtures, open_fds, patterned};
 
 fn ps() -> usize {
     page_pipe_sys::page_size().get()
@@ -20,15 +20,12 @@ fn ps() -> usize {
 const BASE: u64 = 0x7f00_0000_0000;
 
 /// Snapshots through pipes (capture, then dump), whatever the sink prefers.
-const PIPES: SnapshotOptions = SnapshotOptions {
-    drain: Drain::Pipes,
-    chunk_mode: true,
-    iov_budget: 16384,
-    lazy_pages: false,
-    capture: CaptureMode::Auto,
-    max_pipe_pages: None,
-    pool: None,
-};
+fn pipes() -> SnapshotOptions {
+    SnapshotOptions {
+        drain: Drain::Pipes,
+        ..SnapshotOptions::default()
+    }
+}
 
 /// A plan over `pages` pages: runs of captured pages of varying lengths, lazy runs, and
 /// holes in the parent, all decided by the page index.
@@ -78,7 +75,7 @@ fn a_full_snapshot_restores_byte_for_byte() {
         pages: 3000,
         flags: BufFlags::empty(),
     }];
-    let report = snapshot(&source, plan, &mut w, &PIPES).unwrap();
+    let report = snapshot(&source, plan, &mut w, &pipes()).unwrap();
     let summary = w.finish().unwrap();
     assert_eq!(report.pages, 3000);
     assert!(report.chunks >= 2, "3000 pages do not fit 8 pipes of 256");
@@ -828,15 +825,10 @@ fn a_seccomp_refusal_of_vmsplice_falls_back_to_copying() {
         pages: 600,
         flags: BufFlags::empty(),
     }];
-    let r = snapshot(&source, plan, &mut w, &PIPES).unwrap();
+    let r = snapshot(&source, plan, &mut w, &pipes()).unwrap();
     w.finish().unwrap();
     assert_eq!(r.path, CapturePath::Copy);
-    let mut back = vec![0u8; mem.len()];
-    Image::open(dir.path())
-        .unwrap()
-        .read(BASE, &mut back)
-        .unwrap();
-    assert!(back == mem[..]);
+    assert_restores(dir.path(), BASE, &mem[..]);
 }
 
 /// A captured page pipe moves to another thread to be dumped, still borrowing its memory.
@@ -856,12 +848,7 @@ fn a_captured_page_pipe_is_dumped_by_another_thread() {
             w.finish().unwrap();
         });
     });
-    let mut back = vec![0u8; mem.len()];
-    Image::open(dir.path())
-        .unwrap()
-        .read(BASE, &mut back)
-        .unwrap();
-    assert!(back == mem[..]);
+    assert_restores(dir.path(), BASE, &mem[..]);
 }
 
 /// Through the snapshot driver a callback gets the memory itself, with the same entries

@@ -11,8 +11,8 @@ use page_pipe::{
     AddError, BufFlags, DumpErrorKind, FakeKernel, FakePipes, FdSink, PagePipe, Source,
 };
 use page_pipe_tests::{
-    AS_NOBODY, TempDir, Unprivileged, alone, limit_open_files, open_fds, patterned, snapshot_demo,
-    unprivileged,
+    AS_NOBODY, TempDir, Unprivileged, alone, assert_restores, limit_open_files, open_fds,
+    patterned, snapshot_demo, unprivileged,
 };
 
 const BASE: u64 = 0x7f00_0000_0000;
@@ -143,12 +143,7 @@ fn running_out_of_file_descriptors_is_an_error_and_chunk_mode_gets_through() {
     let r = snapshot(&source, plan, &mut w, &SnapshotOptions::default()).unwrap();
     w.finish().unwrap();
     assert!(r.pipes_made <= 8);
-    let mut back = vec![0u8; mem.len()];
-    Image::open(dir.path())
-        .unwrap()
-        .read(BASE, &mut back)
-        .unwrap();
-    assert!(back == mem[..]);
+    assert_restores(dir.path(), BASE, &mem[..]);
 }
 
 /// Checks that what a failed snapshot left in `dir` is a valid image whose every entry
