@@ -156,7 +156,7 @@ impl PipeBackend for KernelPipes {
 /// for round in 0..3u64 {
 ///     let backend = KernelPipes::new()?.with_pool(pool.clone());
 ///     let mut pp = PagePipe::builder().iov_budget(8).build_with(backend)?;
-///     pp.add_pages(round << 32, 100, BufFlags::empty())?;
+///     pp.add_pages(round << 32, 10, BufFlags::empty())?;
 /// }
 /// assert_eq!(pool.len(), 1);
 /// # Ok::<(), Box<dyn std::error::Error>>(())

@@ -523,13 +523,25 @@ const FD_PREFERS_COPY: &[page_pipe_sys::FdKind] = &[page_pipe_sys::FdKind::File]
 /// a function, for callers with a format of their own.
 ///
 /// ```
-/// use page_pipe::CallbackSink;
-/// let mut total = 0usize;
-/// let sink = CallbackSink::new(|_entry, pages: &[u8]| {
+/// use memmap2::MmapOptions;
+/// use page_pipe::{BufFlags, CallbackSink, PagePipe, Source};
+/// let ps = page_pipe_sys::page_size().get();
+/// let mut mem = MmapOptions::new().len(4 * ps).map_anon()?;
+/// mem.fill(5);
+/// let source = Source::new().with_slice(0x10_0000, &mem[..])?;
+/// let mut pp = PagePipe::builder().iov_budget(4).build()?;
+/// pp.add_pages(0x10_0000, 4, BufFlags::empty())?;
+/// let mut captured = pp.capture(&source)?;
+/// let (mut total, mut fives) = (0usize, 0usize);
+/// let mut sink = CallbackSink::new(|_entry, pages: &[u8]| {
 ///     total += pages.len();
+///     fives += pages.iter().filter(|&&b| b == 5).count();
 ///     Ok(())
 /// });
-/// # drop(sink);
+/// captured.dump(&mut sink)?;
+/// drop(sink);
+/// assert_eq!((total, fives), (4 * ps, 4 * ps));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct CallbackSink<F> {
     f: F,

@@ -948,7 +948,7 @@ impl<I: IovStore, B: PipeBackend> PagePipe<SinglePass, I, B> {
     ///
     /// ```
     /// use page_pipe::{BufFlags, PagePipe};
-    /// let mut pp = PagePipe::builder().iov_budget(4).build()?;
+    /// let mut pp = PagePipe::builder().iov_budget(64).build()?;
     /// pp.add_pages(0x10000, 1000, BufFlags::empty())?;
     /// assert_eq!(pp.bufs().map(|b| b.pages).sum::<u64>(), 1000);
     /// # Ok::<(), Box<dyn std::error::Error>>(())

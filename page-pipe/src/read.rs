@@ -138,8 +138,8 @@ impl ReadDest {
     /// A destination holding at least `pages` pages.
     ///
     /// ```
-    /// let dest = page_pipe::ReadDest::with_pages(100)?;
-    /// assert_eq!(dest.capacity(), 128);
+    /// let dest = page_pipe::ReadDest::with_pages(10)?;
+    /// assert!(dest.capacity() >= 10);
     /// # Ok::<(), page_pipe_sys::Errno>(())
     /// ```
     ///

@@ -91,11 +91,14 @@ fn an_unbounded_capture_past_the_soft_limit_names_it() {
             assert!(capacity < expected);
             // It stopped at the limit, not after crawling through tiny pipes.
             assert!(
-                added <= limits.pipe_user_pages_soft + 256,
+                added <= limits.pipe_user_pages_soft + limits.max_grant_pages() as u64,
                 "{added} pages went in"
             );
+            // Pipes grow to the grant limit, so the soft limit holds this many of them
+            // (and a few more that were still growing); crawling would make thousands.
+            let grown = limits.pipe_user_pages_soft / limits.max_grant_pages() as u64;
             assert!(
-                pp.stats().pipes_made < 200,
+                pp.stats().pipes_made <= grown + 8,
                 "{} pipes made",
                 pp.stats().pipes_made
             );

@@ -111,30 +111,42 @@ proptest! {
 fn boundaries_of_runs_bufs_and_shared_pipes() {
     let mem = patterned(700, 22);
     let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
-    let mut pp = PagePipe::builder().iov_budget(64).build().unwrap();
-    // 300 contiguous pages: the first pipe fills at 256, so the run is split across bufs.
-    pp.add_pages(at(0), 300, BufFlags::empty()).unwrap();
-    // Bufs of changing flags sharing the second pipe, at offsets.
-    pp.add_pages(at(310), 5, BufFlags::LAZY).unwrap();
-    pp.add_pages(at(320), 7, BufFlags::empty()).unwrap();
-    pp.add_pages(at(330), 2, BufFlags::LAZY).unwrap();
+    // Pipes of at most 64 pages (whatever the machine grants beyond), so that the layout
+    // below holds on any machine that grants 64.
+    let cap = 64u64.min(page_pipe_sys::PipeLimits::get().unwrap().max_grant_pages() as u64);
+    let mut pp = PagePipe::builder()
+        .iov_budget(64)
+        .max_pipe_pages(cap)
+        .build()
+        .unwrap();
+    // A contiguous run longer than a pipe: the first pipe fills at `cap`, so the run is
+    // split across bufs.
+    let long = cap + 44;
+    pp.add_pages(at(0), long, BufFlags::empty()).unwrap();
+    // Bufs of changing flags sharing a pipe, at offsets.
+    pp.add_pages(at(long + 10), 5, BufFlags::LAZY).unwrap();
+    pp.add_pages(at(long + 20), 7, BufFlags::empty()).unwrap();
+    pp.add_pages(at(long + 30), 2, BufFlags::LAZY).unwrap();
     let bufs: Vec<_> = pp.bufs().map(|b| (b.pipe, b.pipe_off, b.pages)).collect();
-    assert_eq!(bufs[0].2, 256);
-    assert_eq!(bufs[1].0, bufs[2].0, "shared pipe");
-    assert!(bufs[3].1 > 0);
+    let first = bufs[0].2;
+    assert_eq!(first, cap);
+    let n = bufs.len();
+    assert_eq!(bufs[n - 3].0, bufs[n - 2].0, "shared pipe");
+    assert!(bufs[n - 1].1 > 0, "the last buf starts at an offset");
     let mut c = pp.capture(&source).unwrap();
     let mut d = ReadDest::for_captured(&c).unwrap();
     let e = BufFlags::empty();
+    let second = bufs[1].2;
     let cases = [
-        (0, 1, 1),      // first page of a run
-        (0, 1000, 256), // clamped at the end of the first buf's run
-        (255, 10, 1),   // last page of the first buf
-        (256, 10, 10),  // first page of the second buf
-        (299, 5, 1),    // last page of the split run
-        (300, 5, 0),    // a gap
-        (314, 3, 1),    // last page of a shared-pipe buf
-        (320, 100, 7),  // a buf at an offset in a shared pipe
-        (331, 1, 1),
+        (0, 1, 1),                   // first page of a run
+        (0, 1000, first),            // clamped at the end of the first buf's run
+        (first - 1, 10, 1),          // last page of the first buf
+        (first, 10, 10.min(second)), // first page of the second buf
+        (long - 1, 5, 1),            // last page of the split run
+        (long, 5, 0),                // a gap
+        (long + 14, 3, 1),           // last page of a shared-pipe buf
+        (long + 20, 100, 7),         // a buf at an offset in a shared pipe
+        (long + 31, 1, 1),
     ];
     for (page, n, pages) in cases {
         let got = check_read(&mut c, &mut d, &mem, page, n, e).unwrap();
