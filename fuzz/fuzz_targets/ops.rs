@@ -4,8 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use page_pipe::FakePipes;
-use page_pipe::model::{Config, Op, check_sequence};
+use page_pipe::testing::{Config, FakePipes, Op, check_sequence};
 
 fuzz_target!(|data: &[u8]| {
     let mut data = data;

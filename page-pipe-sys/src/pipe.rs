@@ -178,6 +178,29 @@ impl fmt::Display for Partial {
 
 impl std::error::Error for Partial {}
 
+/// A transfer that stopped early as an [`std::io::Error`]: the errno it stopped on, or
+/// `UnexpectedEof` (naming the bytes moved) when the source ran out of data.
+///
+/// ```
+/// use page_pipe_sys::{Errno, Partial, Stopped};
+/// let e = std::io::Error::from(Partial { done: 3, stopped: Stopped::Errno(Errno::PIPE) });
+/// assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+/// let e = std::io::Error::from(Partial { done: 3, stopped: Stopped::EndOfData });
+/// assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+/// assert!(e.to_string().contains("after 3 bytes"));
+/// ```
+impl From<Partial> for std::io::Error {
+    fn from(p: Partial) -> Self {
+        match p.stopped {
+            Stopped::Errno(e) => std::io::Error::from(e),
+            Stopped::EndOfData => std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("no more data after {} bytes", p.done),
+            ),
+        }
+    }
+}
+
 /// Runs `step` until `len` bytes have moved, retrying on `EINTR`.
 fn move_exact(
     len: usize,

@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use page_pipe::{
-    BufFlags, FakeKernel, FakePipes, HoleFlags, KernelPipes, PagePipe, PipeBackend, PipePool,
-};
+use page_pipe::testing::{FakeKernel, FakePipes};
+use page_pipe::{BufFlags, HoleFlags, KernelPipes, PagePipe, PipeBackend, PipePool};
 
 const PAGES: u64 = 1_000_000;
 const BASE: u64 = 0x7f00_0000_0000;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use memmap2::MmapOptions;
-use page_pipe::{BufFlags, Captured, PagePipe, ReadDest, Source};
+use page_pipe::{BufFlags, Captured, PagePipe, ServeDest, Source};
 use page_pipe_sys::{SpliceFlags, pipe, read_exact, splice_exact, tee_exact, vmsplice_all};
 
 const BASE: u64 = 0x7f00_0000_0000;
@@ -68,7 +68,7 @@ fn bench(c: &mut Criterion) {
                 .unwrap();
         }
         let mut captured = pp.capture(&source).unwrap();
-        let mut dest = ReadDest::for_captured(&captured).unwrap();
+        let mut dest = ServeDest::for_captured(&captured).unwrap();
         let order = shuffled(n, ps as u64);
         let mut page = vec![0u8; ps];
 
@@ -89,7 +89,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 k = (k + 1) % order.len();
                 let mut s = captured
-                    .read(&mut dest, order[k], 1, BufFlags::LAZY)
+                    .serve(&mut dest, order[k], 1, BufFlags::LAZY)
                     .unwrap();
                 s.read_into(&mut page).unwrap();
             })

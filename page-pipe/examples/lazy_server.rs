@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use memmap2::MmapOptions;
 use page_pipe::image::ImageWriter;
-use page_pipe::{BufFlags, PagePipe, ReadDest, Source};
+use page_pipe::{BufFlags, PagePipe, ServeDest, Source};
 
 /// The byte at `i` of page `p`: what the client expects.
 fn pattern(p: u64, i: usize) -> u8 {
@@ -83,7 +83,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let dumped = captured.dump(&mut image)?;
     image.finish()?;
     let _ = std::fs::remove_dir_all(&dir);
-    let mut dest = ReadDest::for_captured(&captured)?;
+    let mut dest = ServeDest::for_captured(&captured)?;
     println!(
         "captured {pages} pages in {} pipes in {:.1} ms ({}); image holds {} lazy pages, no page data",
         captured.page_pipe().open_pipes(),
@@ -107,7 +107,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
         if n == 0 {
             break;
         }
-        let mut served = captured.read(&mut dest, addr, n, BufFlags::LAZY)?;
+        let mut served = captured.serve(&mut dest, addr, n, BufFlags::LAZY)?;
         server.write_all(&served.pages().to_le_bytes())?;
         served.splice_into(&server)?;
         served_pages += served.pages();

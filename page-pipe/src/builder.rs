@@ -1,13 +1,10 @@
-//! The typestate builder of a [`PagePipe`] and its state types.
+//! The typestate builder of a [`PagePipe`].
 //!
 //! # Types
 //!
-//! A page pipe has two type parameters that CRIU keeps as flag bits:
-//!
-//! | parameter | types | CRIU flag | what it decides |
-//! |-----------|-------|-----------|-----------------|
-//! | mode `M`  | [`SinglePass`], [`ChunkMode`] | `PP_CHUNK_MODE` | whether the page pipe holds at most [`NR_PIPES_PER_CHUNK`](page_pipe_sys::NR_PIPES_PER_CHUNK) pipes, reports "full" ([`Progress::Full`](crate::Progress::Full)) and can be re-initialised after a drain |
-//! | iov storage `I` | [`OwnIovs`], [`CallerIovs`] | `PP_OWN_IOVS` | whether the runs live in storage the page pipe allocates, or in a slice the caller lends for the page pipe's lifetime |
+//! A page pipe has two type parameters that CRIU keeps as flag bits, explained in
+//! [`mode`](crate::mode): the mode ([`SinglePass`], [`ChunkMode`]) and where runs live
+//! ([`OwnIovs`], [`CallerIovs`]).
 //!
 //! [`Builder`] moves between states by consuming itself: [`PagePipe::builder`] starts
 //! in `Builder<SinglePass, NoIovs>`; [`chunk_mode`](Builder::chunk_mode) turns the mode to
@@ -21,125 +18,9 @@ use std::marker::PhantomData;
 use page_pipe_sys::Errno;
 
 use crate::backend::{KernelPipes, PipeBackend};
-use crate::page_pipe::{PagePipe, PipeFail};
+use crate::mode::{CallerIovs, ChunkMode, IovStore, Mode, NoIovs, OwnIovs, SinglePass};
+use crate::page_pipe::{PagePipe, PipeFail, PipeSizing};
 use crate::types::Run;
-
-mod sealed {
-    pub trait Sealed {}
-}
-
-/// The mode of a page pipe: [`SinglePass`] or [`ChunkMode`]. Sealed.
-pub trait Mode: sealed::Sealed + 'static {
-    /// Whether this is chunk mode (CRIU's `PP_CHUNK_MODE`).
-    const CHUNK: bool;
-}
-
-/// Mode: all pages in one pass. Pipes grow and are shared by consecutive bufs of the same
-/// type; the number of pipes is not bounded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SinglePass;
-
-/// Mode: at most 8 pipes at a time, never shared. When a new buf would need a ninth pipe
-/// the page pipe reports [`Progress::Full`](crate::Progress::Full); the caller captures and
-/// dumps what it holds, calls [`PagePipe::reinit`], and goes on. Any amount of memory can
-/// be captured this way within the pipe and file limits of an unprivileged user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ChunkMode;
-
-impl sealed::Sealed for SinglePass {}
-impl sealed::Sealed for ChunkMode {}
-impl Mode for SinglePass {
-    const CHUNK: bool = false;
-}
-impl Mode for ChunkMode {
-    const CHUNK: bool = true;
-}
-
-/// Where a page pipe keeps its runs: [`OwnIovs`] or [`CallerIovs`]. Sealed.
-///
-/// All runs of all bufs sit in one array in address order, as CRIU's `iovs`; each buf
-/// owns a contiguous range of it.
-pub trait IovStore: sealed::Sealed {
-    /// The most runs the storage can hold: the iov budget.
-    fn budget(&self) -> usize;
-    /// The runs recorded so far.
-    fn runs(&self) -> &[Run];
-    #[doc(hidden)]
-    fn runs_mut(&mut self) -> &mut [Run];
-    #[doc(hidden)]
-    fn push(&mut self, run: Run);
-    #[doc(hidden)]
-    fn clear(&mut self);
-}
-
-/// Storage the page pipe allocates itself (CRIU's `PP_OWN_IOVS`), up to a budget of runs.
-/// Room for up to [`PREALLOCATED_RUNS`] runs is reserved at once (address space only, until
-/// runs are recorded), so that recording never copies the runs to grow; past that it grows
-/// as runs come.
-pub const PREALLOCATED_RUNS: usize = 1 << 20;
-
-/// See [`PREALLOCATED_RUNS`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwnIovs {
-    runs: Vec<Run>,
-    budget: usize,
-}
-
-/// Storage lent by the caller for the page pipe's lifetime: the budget is the slice's
-/// length, and the runs can be read from the slice once the page pipe is gone.
-#[derive(Debug, PartialEq, Eq)]
-pub struct CallerIovs<'a> {
-    slots: &'a mut [Run],
-    len: usize,
-}
-
-impl sealed::Sealed for OwnIovs {}
-impl sealed::Sealed for CallerIovs<'_> {}
-
-impl IovStore for OwnIovs {
-    fn budget(&self) -> usize {
-        self.budget
-    }
-    #[inline]
-    fn runs(&self) -> &[Run] {
-        &self.runs
-    }
-    #[inline]
-    fn runs_mut(&mut self) -> &mut [Run] {
-        &mut self.runs
-    }
-    #[inline]
-    fn push(&mut self, run: Run) {
-        debug_assert!(self.runs.len() < self.budget);
-        self.runs.push(run);
-    }
-    fn clear(&mut self) {
-        self.runs.clear();
-    }
-}
-
-impl IovStore for CallerIovs<'_> {
-    fn budget(&self) -> usize {
-        self.slots.len()
-    }
-    fn runs(&self) -> &[Run] {
-        &self.slots[..self.len]
-    }
-    fn runs_mut(&mut self) -> &mut [Run] {
-        &mut self.slots[..self.len]
-    }
-    fn push(&mut self, run: Run) {
-        self.slots[self.len] = run;
-        self.len += 1;
-    }
-    fn clear(&mut self) {
-        self.len = 0;
-    }
-}
-
-/// Builder state: no iov storage chosen yet; [`build`](Builder::build) is not available.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct NoIovs;
 
 /// Builds a [`PagePipe`]; see the [module docs](self) for its states.
 ///
@@ -169,15 +50,6 @@ pub struct Builder<M, I> {
     lazy_pages: bool,
     sizing: PipeSizing,
     _mode: PhantomData<M>,
-}
-
-/// How a page pipe sizes its pipes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct PipeSizing {
-    /// The cap, if not the default.
-    pub(crate) max: Option<u64>,
-    /// The size to ask for as soon as a pipe is made, if any.
-    pub(crate) initial: Option<u64>,
 }
 
 impl PagePipe {
@@ -227,12 +99,10 @@ impl<M, I> Builder<M, I> {
     /// kernel memory for pipes that stay small.
     ///
     /// ```
-    /// use page_pipe::{FakeKernel, FakePipes, PagePipe};
-    /// let pp = PagePipe::builder()
-    ///     .iov_budget(8)
-    ///     .initial_pipe_pages(256)
-    ///     .build_with(FakePipes::new(FakeKernel::new(4096)))?;
-    /// assert_eq!(pp.bufs().next().unwrap().capacity, 256);
+    /// use page_pipe::PagePipe;
+    /// let pp = PagePipe::builder().iov_budget(8).initial_pipe_pages(32).build()?;
+    /// // The pipe was sized at once (unless this machine grants less than 32 pages).
+    /// assert_eq!(pp.bufs().next().unwrap().capacity, 32.min(pp.max_pipe_pages()));
     /// # Ok::<(), page_pipe::BuildError>(())
     /// ```
     pub fn initial_pipe_pages(mut self, pages: u64) -> Self {
@@ -247,10 +117,7 @@ impl<M> Builder<M, NoIovs> {
     /// ([`AddError::IovBudget`](crate::AddError::IovBudget)).
     pub fn iov_budget(self, runs: usize) -> Builder<M, OwnIovs> {
         Builder {
-            iovs: OwnIovs {
-                runs: Vec::with_capacity(runs.min(PREALLOCATED_RUNS)),
-                budget: runs,
-            },
+            iovs: OwnIovs::with_budget(runs),
             lazy_pages: self.lazy_pages,
             sizing: self.sizing,
             _mode: PhantomData,
@@ -261,10 +128,7 @@ impl<M> Builder<M, NoIovs> {
     /// length.
     pub fn iov_storage(self, storage: &mut [Run]) -> Builder<M, CallerIovs<'_>> {
         Builder {
-            iovs: CallerIovs {
-                slots: storage,
-                len: 0,
-            },
+            iovs: CallerIovs::new(storage),
             lazy_pages: self.lazy_pages,
             sizing: self.sizing,
             _mode: PhantomData,
@@ -319,15 +183,17 @@ impl<M: Mode, I: IovStore> Builder<M, I> {
         self.build_with(backend)
     }
 
-    /// Builds a page pipe over `backend`, e.g. [`FakePipes`](crate::FakePipes).
+    /// Builds a page pipe over `backend`: real pipes from a [`PipePool`](crate::PipePool),
+    /// say.
     ///
     /// ```
-    /// use page_pipe::{FakeKernel, FakePipes, PagePipe};
+    /// use page_pipe::{KernelPipes, PagePipe, PipePool};
+    /// let pool = PipePool::new(8);
     /// let pp = PagePipe::builder()
     ///     .iov_budget(8)
-    ///     .build_with(FakePipes::new(FakeKernel::new(4096)))?;
+    ///     .build_with(KernelPipes::new()?.with_pool(pool))?;
     /// assert_eq!(pp.open_pipes(), 1);
-    /// # Ok::<(), page_pipe::BuildError>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     ///
     /// # Errors

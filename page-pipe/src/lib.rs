@@ -17,8 +17,9 @@
 //! ```
 //!
 //! The bookkeeping makes and grows pipes only through a [`PipeBackend`]: [`KernelPipes`]
-//! for real pipes, [`FakePipes`] for an in-memory stand-in that fails on demand. The
-//! [`model`] module holds a pure model of the same rules that the tests compare against.
+//! for real pipes, optionally reused through a [`PipePool`]. (The `testing` cargo feature
+//! adds a pipe backend that fails on demand and a pure model of the same rules, which the
+//! crate's own tests hold it to.)
 //!
 //! # The life of a snapshot
 //!
@@ -28,17 +29,27 @@
 //!    returns a [`Captured`] page pipe that keeps the memory borrowed.
 //! 3. Dump: [`Captured::dump`] writes entries and pages to an
 //!    [`ImageWriter`](image::ImageWriter), an [`FdSink`] or a [`CallbackSink`]; or serve
-//!    pages on demand with [`Captured::read`].
+//!    pages on demand with [`Captured::serve`].
 //! 4. In chunk mode, [`Captured::reinit`] gives the page pipe back for the next chunk.
+//!
+//! # Page references, and what the crate promises
+//!
+//! `vmsplice` puts references to memory into a pipe, not copies. A [`Captured`] page pipe
+//! keeps borrowed memory borrowed, so nothing changes it while its pages sit in the
+//! crate's pipes; but once the borrow ends, a socket or pipe that still held references
+//! would show its reader later bytes. So pages leave the crate by reference only from
+//! memory nobody can write any more (an anonymous mapping the [`Source`] owns), or under
+//! an `unsafe` promise ([`FdSink::new_zero_copy`], [`Served::splice_refs_into`]);
+//! otherwise they leave as copies. See [`source`] and [`dump`].
 //!
 //! [`snapshot::snapshot`] runs these steps for a plan of spans; [`image::Image`] reads an
 //! image back through its parent chain.
 //!
 //! # Thread safety
 //!
-//! Every type is `Send` where its parts are: a [`PagePipe`] over [`KernelPipes`] or
-//! [`FakePipes`], a [`Captured`] page pipe (so a capture can be dumped or served by
-//! another thread; scoped threads let it keep borrowing its memory), a [`ReadDest`], an
+//! Every type is `Send` where its parts are: a [`PagePipe`] over [`KernelPipes`], a
+//! [`Captured`] page pipe (so a capture can be dumped or served by
+//! another thread; scoped threads let it keep borrowing its memory), a [`ServeDest`], an
 //! [`ImageWriter`](image::ImageWriter) and an [`Image`](image::Image). None of them is
 //! shared: methods that change them take `&mut self`. A [`Source`] and an
 //! [`Image`](image::Image) are also `Sync`, as they are only read; a [`PipePool`] is
@@ -49,25 +60,38 @@
 mod backend;
 pub mod builder;
 pub mod capture;
+pub mod dump;
 pub mod image;
-pub mod model;
+pub mod mode;
 pub mod page_pipe;
-pub mod read;
+pub mod serve;
 pub mod snapshot;
 pub mod source;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod testing;
 mod types;
 
-pub use backend::{FakeKernel, FakePipe, FakePipes, KernelPipes, PipeBackend, PipePool};
-pub use builder::{
-    BuildError, Builder, CallerIovs, ChunkMode, IovStore, Mode, NoIovs, OwnIovs, SinglePass,
-};
-pub use capture::{
-    CallbackSink, CaptureError, CaptureMode, CapturePath, CaptureReport, Captured, DumpError,
-    DumpErrorKind, DumpReport, DumpSink, FdSink,
-};
+pub use backend::{KernelPipes, PipeBackend, PipePool};
+pub use builder::{BuildError, Builder};
+pub use capture::{CaptureError, CaptureMode, CapturePath, CaptureReport, Captured};
+pub use dump::{CallbackSink, DumpError, DumpErrorKind, DumpReport, DumpSink, FdSink};
+pub use image::{PageFlags, PagemapEntry};
+pub use mode::{CallerIovs, ChunkMode, IovStore, Mode, NoIovs, OwnIovs, SinglePass};
 pub use page_pipe::{
     AddError, BufId, BufView, Entries, Notation, PagePipe, PipeId, Progress, Stats, UnknownBuf,
+    notation,
 };
-pub use read::{Found, ReadDest, ReadError, Served};
+pub use serve::{Found, ServeDest, ServeDestError, ServeError, ServeOp, Served};
 pub use source::{Source, SourceError};
-pub use types::{BufFlags, Entry, Hole, HoleFlags, Run};
+pub use types::{BufFlags, Hole, HoleFlags, Run};
+
+/// The page size of this machine, in bytes: what page counts and addresses are measured
+/// in (`sysconf(_SC_PAGESIZE)`, read once).
+///
+/// ```
+/// assert!(page_pipe::page_size().is_power_of_two());
+/// ```
+pub fn page_size() -> usize {
+    page_pipe_sys::page_size().get()
+}

@@ -2,26 +2,32 @@
 //! pipe, in chunks or in one pass, into a sink.
 //!
 //! In chunk mode (the default) the driver adds spans until the page pipe is full (or its
-//! iov budget is used up), captures, dumps, re-inits and goes on, so any amount of memory
+//! iov budget is used up), drains it, re-inits and goes on, so any amount of memory
 //! passes through at most 8 pipes. With an [`ImageWriter`](crate::image::ImageWriter) as
 //! the sink, the image is the same as one written in a single pass.
 //!
-//! Sinks that gain nothing from pipes (files, where `splice` was measured no faster than
-//! `write` from the mapping; a callback, which can read the memory itself) are fed
-//! straight from memory instead ([`Drain`]): the entries and bytes are the same, and the
-//! memory is borrowed for the whole call either way. Sockets get the pipes.
+//! There is one pipeline whichever way the bytes go ([`Drain`]): the page pipe records
+//! the plan and decides the entries, their order and flags; then either a capture puts
+//! the pages into pipes and a dump splices them out, or the dump takes them straight from
+//! the memory (a page pipe over pipes that exist only in its books, sized as the kernel
+//! would size them). Both give the same entries. Sinks that gain nothing from pipes
+//! (files, where `splice` was measured no faster than `write` from the mapping; a
+//! callback, which can read the memory itself; sockets and pipes when the pages would
+//! have to be copied anyway) are fed from memory by default. The memory is borrowed for
+//! the whole call either way.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::{KernelPipes, PipePool};
-use crate::builder::{BuildError, ChunkMode, Mode, OwnIovs, SinglePass};
-use crate::capture::{
-    CaptureError, CaptureMode, CapturePath, Captured, DumpError, DumpReport, DumpSink,
-};
-use crate::image::{PageFlags, PagemapEntry};
-use crate::page_pipe::{AddError, PagePipe, Progress};
+use page_pipe_sys::PipeLimits;
+
+use crate::backend::{KernelPipes, PipeBackend, PipePool, VirtualPipes};
+use crate::builder::BuildError;
+use crate::capture::{CaptureError, CaptureMode, CapturePath};
+use crate::dump::{DumpError, DumpReport, DumpSink, MemoryDumpError};
+use crate::mode::{Mode, OwnIovs};
+use crate::page_pipe::{AddError, Outcome, PagePipe};
 use crate::source::Source;
 use crate::types::{BufFlags, HoleFlags};
 
@@ -51,14 +57,15 @@ pub enum Span {
 /// How the pages reach the sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Drain {
-    /// As the sink does best: pipes (capture with `vmsplice`, then `splice`) for
-    /// sockets and pipes, straight from memory for files and callbacks (measured; see
-    /// the README). The default.
+    /// As the sink does best (measured; see the README): through pipes into sockets and
+    /// pipes when the pages may leave by reference (memory nobody can write any more, or
+    /// a sink made with [`FdSink::new_zero_copy`](crate::FdSink::new_zero_copy)); straight
+    /// from memory otherwise. The default.
     #[default]
     Auto,
-    /// Always through pipes.
+    /// Always through pipes: capture with `vmsplice`, then a dump out of the pipes.
     Pipes,
-    /// Always straight from memory: no page pipe, no pipes.
+    /// Always straight from memory: the same entries, no pipes.
     Memory,
 }
 
@@ -102,12 +109,14 @@ pub struct SnapshotReport {
     pub pages: u64,
     /// Pages in holes.
     pub hole_pages: u64,
-    /// Chunks (captures and dumps) it took.
+    /// Chunks (drains) it took.
     pub chunks: u64,
-    /// Pipes made.
+    /// Pipes made (0 when fed from memory).
     pub pipes_made: u64,
-    /// The capture path (of the last chunk).
+    /// The capture path (of the last chunk), or [`CapturePath::Direct`] from memory.
     pub path: CapturePath,
+    /// What the dumps wrote, over all chunks.
+    pub dump: DumpReport,
     /// Time adding spans to the page pipe.
     pub add_time: Duration,
     /// Time capturing.
@@ -116,7 +125,7 @@ pub struct SnapshotReport {
     pub dump_time: Duration,
 }
 
-/// Why a snapshot failed.
+/// Why a snapshot failed. The cause is its [`source`](std::error::Error::source).
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SnapshotError {
@@ -124,7 +133,7 @@ pub enum SnapshotError {
     Build(BuildError),
     /// A span could not be added.
     Add(AddError),
-    /// The capture failed.
+    /// The capture failed (or, from memory, a page is in no region of the source).
     Capture(CaptureError),
     /// The dump failed.
     Dump(DumpError),
@@ -132,12 +141,12 @@ pub enum SnapshotError {
 
 impl fmt::Display for SnapshotError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SnapshotError::Build(e) => write!(f, "{e}"),
-            SnapshotError::Add(e) => write!(f, "{e}"),
-            SnapshotError::Capture(e) => write!(f, "{e}"),
-            SnapshotError::Dump(e) => write!(f, "{e}"),
-        }
+        f.write_str(match self {
+            SnapshotError::Build(_) => "cannot set up the page pipe",
+            SnapshotError::Add(_) => "cannot record the plan",
+            SnapshotError::Capture(_) => "cannot capture",
+            SnapshotError::Dump(_) => "cannot dump",
+        })
     }
 }
 
@@ -159,7 +168,7 @@ impl std::error::Error for SnapshotError {
 /// use page_pipe::image::{Image, ImageWriter};
 /// use page_pipe::snapshot::{snapshot, SnapshotOptions, Span};
 /// use page_pipe::{BufFlags, Source};
-/// let ps = page_pipe_sys::page_size().get();
+/// let ps = page_pipe::page_size();
 /// let mut mem = MmapOptions::new().len(64 * ps).map_anon()?;
 /// mem.fill(3);
 /// let base = 0x40_0000;
@@ -185,149 +194,96 @@ pub fn snapshot<S: DumpSink + ?Sized>(
     sink: &mut S,
     opts: &SnapshotOptions,
 ) -> Result<SnapshotReport, SnapshotError> {
-    let direct = match opts.drain {
-        Drain::Auto => sink.prefers_copy(),
+    let memory = match opts.drain {
+        Drain::Auto => sink.prefers_memory(source.is_sealed()),
         Drain::Pipes => false,
         Drain::Memory => true,
     };
-    if direct {
-        let t = Instant::now();
-        let mut report = direct_snapshot(source, plan, sink, opts)?;
-        report.dump_time = t.elapsed();
-        return Ok(report);
-    }
-    let mut backend =
-        KernelPipes::new().map_err(|e| SnapshotError::Build(BuildError::Limits(e)))?;
-    if let Some(pool) = &opts.pool {
-        backend = backend.with_pool(Arc::clone(pool));
-    }
-    // Pipes fill up here, so each is sized to the cap at once rather than doubled.
-    let mut b = PagePipe::builder()
-        .lazy_pages(opts.lazy_pages)
-        .initial_pipe_pages(u64::MAX);
-    if let Some(m) = opts.max_pipe_pages {
-        b = b.max_pipe_pages(m);
-    }
+    let limits = *PipeLimits::get().map_err(|e| SnapshotError::Build(BuildError::Limits(e)))?;
     let mut run = Run {
         report: SnapshotReport {
             pages: 0,
             hole_pages: 0,
             chunks: 0,
             pipes_made: 0,
-            path: match opts.capture {
-                CaptureMode::Auto => CapturePath::VmspliceGift,
-                CaptureMode::Copy => CapturePath::Copy,
+            path: match (memory, opts.capture) {
+                (true, _) => CapturePath::Direct,
+                (false, CaptureMode::Auto) => CapturePath::VmspliceGift,
+                (false, CaptureMode::Copy) => CapturePath::Copy,
             },
+            dump: DumpReport::default(),
             add_time: Duration::ZERO,
             capture_time: Duration::ZERO,
             dump_time: Duration::ZERO,
         },
         mode: opts.capture,
     };
-    if opts.chunk_mode {
-        let pp = b
-            .chunk_mode()
-            .iov_budget(opts.iov_budget)
-            .build_with(backend)
-            .map_err(SnapshotError::Build)?;
-        run.chunked(pp, source, plan, sink)?;
+    if memory {
+        run.start(VirtualPipes::new(limits), source, plan, sink, opts)?;
+        run.report.pipes_made = 0;
     } else {
-        let pp = b
-            .iov_budget(opts.iov_budget)
-            .build_with(backend)
-            .map_err(SnapshotError::Build)?;
-        run.single(pp, source, plan, sink)?;
+        let mut backend = KernelPipes::with_limits(limits);
+        if let Some(pool) = &opts.pool {
+            backend = backend.with_pool(Arc::clone(pool));
+        }
+        run.start(backend, source, plan, sink, opts)?;
     }
     Ok(run.report)
 }
 
-/// The direct path: spans go to the sink straight from memory, with the same checks and
-/// entries a page pipe would give.
-fn direct_snapshot<S: DumpSink + ?Sized>(
-    source: &Source<'_>,
-    plan: impl IntoIterator<Item = Span>,
-    sink: &mut S,
-    opts: &SnapshotOptions,
-) -> Result<SnapshotReport, SnapshotError> {
-    let ps = source.page_size() as u64;
-    let mut report = SnapshotReport {
-        pages: 0,
-        hole_pages: 0,
-        chunks: 1,
-        pipes_made: 0,
-        path: CapturePath::Direct,
-        add_time: Duration::ZERO,
-        capture_time: Duration::ZERO,
-        dump_time: Duration::ZERO,
-    };
-    let mut done = DumpReport::default();
-    let mut cursor: Option<u64> = None;
-    let mut slices = Vec::new();
-    for span in plan {
-        let (addr, pages) = match span {
-            Span::Pages { addr, pages, .. } | Span::Hole { addr, pages, .. } => (addr, pages),
-        };
-        if addr % ps != 0 {
-            return Err(SnapshotError::Add(AddError::Unaligned {
-                addr,
-                page_size: ps as usize,
-            }));
-        }
-        if let Some(min) = cursor.filter(|&min| addr < min) {
-            return Err(SnapshotError::Add(AddError::OutOfOrder { addr, min }));
-        }
-        let end = pages
-            .checked_mul(ps)
-            .and_then(|len| addr.checked_add(len))
-            .ok_or(SnapshotError::Add(AddError::Overflow { addr, pages }))?;
-        if pages == 0 {
-            continue;
-        }
-        cursor = Some(end);
-        let fail = |kind, done: &DumpReport| SnapshotError::Dump(DumpError { kind, done: *done });
-        match span {
-            Span::Pages { flags, .. } => {
-                report.pages += pages;
-                let lazy = flags.contains(BufFlags::LAZY);
-                let e = PagemapEntry {
-                    vaddr: addr,
-                    pages,
-                    flags: match (lazy, opts.lazy_pages) {
-                        (false, _) => PageFlags::PRESENT,
-                        (true, false) => PageFlags::LAZY | PageFlags::PRESENT,
-                        (true, true) => PageFlags::LAZY,
-                    },
-                };
-                if e.is_present() {
-                    slices.clear();
-                    source.slices(addr, pages, &mut slices).map_err(|addr| {
-                        SnapshotError::Capture(CaptureError::NotCovered { addr })
-                    })?;
-                    sink.present_bytes(e, &slices).map_err(|k| fail(k, &done))?;
-                    done.present_pages += pages;
-                    done.bytes += pages * ps;
-                } else {
-                    sink.absent(e).map_err(|k| fail(k, &done))?;
-                    done.lazy_kept += pages;
-                }
-                done.entries += 1;
-            }
-            Span::Hole { flags, .. } => {
-                report.hole_pages += pages;
-                if flags.contains(HoleFlags::PARENT) {
-                    let e = PagemapEntry {
-                        vaddr: addr,
-                        pages,
-                        flags: PageFlags::PARENT,
-                    };
-                    sink.absent(e).map_err(|k| fail(k, &done))?;
-                    done.entries += 1;
-                    done.parent_pages += pages;
-                }
-            }
-        }
+/// How a drain moves bytes: through pipes or from memory. The page pipe decides the rest.
+trait Mover: PipeBackend + Sized {
+    /// Drains `pp` into `sink` and, in chunk mode, re-inits it for the next chunk.
+    fn drain<M: Mode, S: DumpSink + ?Sized>(
+        pp: PagePipe<M, OwnIovs, Self>,
+        run: &mut Run,
+        source: &Source<'_>,
+        sink: &mut S,
+    ) -> Result<PagePipe<M, OwnIovs, Self>, SnapshotError>;
+}
+
+impl Mover for KernelPipes {
+    fn drain<M: Mode, S: DumpSink + ?Sized>(
+        pp: PagePipe<M, OwnIovs, Self>,
+        run: &mut Run,
+        source: &Source<'_>,
+        sink: &mut S,
+    ) -> Result<PagePipe<M, OwnIovs, Self>, SnapshotError> {
+        let t = Instant::now();
+        let mut captured = pp
+            .capture_with(source, run.mode)
+            .map_err(SnapshotError::Capture)?;
+        run.report.capture_time += t.elapsed();
+        run.report.path = captured.report().path;
+        let t = Instant::now();
+        let done = captured.dump(sink).map_err(SnapshotError::Dump)?;
+        run.report.dump_time += t.elapsed();
+        run.report.dump.add(&done);
+        let mut pp = captured.into_page_pipe();
+        pp.reinit_drained_if_chunked();
+        Ok(pp)
     }
-    Ok(report)
+}
+
+impl Mover for VirtualPipes {
+    fn drain<M: Mode, S: DumpSink + ?Sized>(
+        mut pp: PagePipe<M, OwnIovs, Self>,
+        run: &mut Run,
+        source: &Source<'_>,
+        sink: &mut S,
+    ) -> Result<PagePipe<M, OwnIovs, Self>, SnapshotError> {
+        let t = Instant::now();
+        let done = pp.dump_from(source, sink).map_err(|e| match e {
+            MemoryDumpError::NotCovered(addr) => {
+                SnapshotError::Capture(CaptureError::NotCovered { addr })
+            }
+            MemoryDumpError::Dump(e) => SnapshotError::Dump(e),
+        })?;
+        run.report.dump_time += t.elapsed();
+        run.report.dump.add(&done);
+        pp.reinit_drained_if_chunked();
+        Ok(pp)
+    }
 }
 
 struct Run {
@@ -336,71 +292,47 @@ struct Run {
 }
 
 impl Run {
-    fn single<S: DumpSink + ?Sized>(
+    fn start<B: Mover, S: DumpSink + ?Sized>(
         &mut self,
-        mut pp: PagePipe<SinglePass, OwnIovs, KernelPipes>,
+        backend: B,
         source: &Source<'_>,
         plan: impl IntoIterator<Item = Span>,
         sink: &mut S,
+        opts: &SnapshotOptions,
     ) -> Result<(), SnapshotError> {
-        let t = Instant::now();
-        for span in plan {
-            match span {
-                Span::Pages { addr, pages, flags } => {
-                    pp.add_pages(addr, pages, flags)
-                        .map_err(SnapshotError::Add)?;
-                    self.report.pages += pages;
-                }
-                Span::Hole { addr, pages, flags } => {
-                    pp.add_holes(addr, pages, flags)
-                        .map_err(SnapshotError::Add)?;
-                    self.report.hole_pages += pages;
-                }
-            }
+        // Pipes fill up here, so each is sized to the cap at once rather than doubled.
+        let mut b = PagePipe::builder()
+            .lazy_pages(opts.lazy_pages)
+            .initial_pipe_pages(u64::MAX);
+        if let Some(m) = opts.max_pipe_pages {
+            b = b.max_pipe_pages(m);
         }
-        self.report.add_time += t.elapsed();
-        self.report.pipes_made = pp.stats().pipes_made;
-        self.capture_and_dump(pp, source, sink)?;
-        Ok(())
+        if opts.chunk_mode {
+            let pp = b
+                .chunk_mode()
+                .iov_budget(opts.iov_budget)
+                .build_with(backend)
+                .map_err(SnapshotError::Build)?;
+            self.go(pp, source, plan, sink)
+        } else {
+            let pp = b
+                .iov_budget(opts.iov_budget)
+                .build_with(backend)
+                .map_err(SnapshotError::Build)?;
+            self.go(pp, source, plan, sink)
+        }
     }
 
-    /// Captures what `pp` holds and dumps it, counting the time of each.
-    fn capture_and_dump<'m, M: Mode, S: DumpSink + ?Sized>(
+    /// Adds the plan's spans, draining whenever the page pipe is full (chunk mode) or its
+    /// iov budget is used up, and once at the end.
+    fn go<M: Mode, B: Mover, S: DumpSink + ?Sized>(
         &mut self,
-        pp: PagePipe<M, OwnIovs, KernelPipes>,
-        source: &Source<'m>,
-        sink: &mut S,
-    ) -> Result<Captured<'m, M>, SnapshotError> {
-        let t = Instant::now();
-        let mut captured = pp
-            .capture_with(source, self.mode)
-            .map_err(SnapshotError::Capture)?;
-        self.report.capture_time += t.elapsed();
-        self.report.path = captured.report().path;
-        let t = Instant::now();
-        captured.dump(sink).map_err(SnapshotError::Dump)?;
-        self.report.dump_time += t.elapsed();
-        self.report.chunks += 1;
-        Ok(captured)
-    }
-
-    /// Captures and dumps what `pp` holds, and re-inits it.
-    fn flush<S: DumpSink + ?Sized>(
-        &mut self,
-        pp: PagePipe<ChunkMode, OwnIovs, KernelPipes>,
-        source: &Source<'_>,
-        sink: &mut S,
-    ) -> Result<PagePipe<ChunkMode, OwnIovs, KernelPipes>, SnapshotError> {
-        Ok(self.capture_and_dump(pp, source, sink)?.reinit())
-    }
-
-    fn chunked<S: DumpSink + ?Sized>(
-        &mut self,
-        mut pp: PagePipe<ChunkMode, OwnIovs, KernelPipes>,
+        mut pp: PagePipe<M, OwnIovs, B>,
         source: &Source<'_>,
         plan: impl IntoIterator<Item = Span>,
         sink: &mut S,
     ) -> Result<(), SnapshotError> {
+        let ps = pp.page_size() as u64;
         let mut t = Instant::now();
         for span in plan {
             match span {
@@ -410,16 +342,17 @@ impl Run {
                     self.report.hole_pages += pages;
                 }
                 Span::Pages { addr, pages, flags } => {
-                    let ps = pp.page_size() as u64;
                     let (mut at, mut left) = (addr, pages);
-                    // Whether the last flush made no progress, to stop a loop on a
-                    // budget too small for one run.
+                    // Whether the last drain made no progress, to stop a loop on a budget
+                    // too small for one run.
                     let mut stuck = false;
-                    while left > 0 {
-                        let added = match pp.add_pages(at, left, flags) {
-                            Ok(Progress::Done) => left,
-                            Ok(Progress::Full { added }) => added,
-                            Err(AddError::IovBudget { added, .. }) if !(stuck && added == 0) => {
+                    loop {
+                        let added = match pp.add_run(at, left, flags) {
+                            Ok(Outcome::Done) => left,
+                            Ok(Outcome::Full { added }) => added,
+                            Err(AddError::IovBudget { added, .. })
+                                if M::CHUNK && !(stuck && added == 0) =>
+                            {
                                 added
                             }
                             Err(e) => return Err(SnapshotError::Add(e)),
@@ -427,21 +360,23 @@ impl Run {
                         self.report.pages += added;
                         at += added * ps;
                         left -= added;
-                        if left > 0 {
-                            self.report.add_time += t.elapsed();
-                            self.report.pipes_made =
-                                self.report.pipes_made.max(pp.stats().pipes_made);
-                            pp = self.flush(pp, source, sink)?;
-                            t = Instant::now();
-                            stuck = added == 0;
+                        if left == 0 {
+                            break;
                         }
+                        self.report.add_time += t.elapsed();
+                        self.report.pipes_made = self.report.pipes_made.max(pp.stats().pipes_made);
+                        pp = B::drain(pp, self, source, sink)?;
+                        self.report.chunks += 1;
+                        t = Instant::now();
+                        stuck = added == 0;
                     }
                 }
             }
         }
         self.report.add_time += t.elapsed();
         self.report.pipes_made = self.report.pipes_made.max(pp.stats().pipes_made);
-        self.flush(pp, source, sink)?;
+        B::drain(pp, self, source, sink)?;
+        self.report.chunks += 1;
         Ok(())
     }
 }

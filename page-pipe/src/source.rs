@@ -1,26 +1,39 @@
 //! Memory to capture from: regions that map page pipe addresses to memory.
 //!
-//! This is the one module of the crate that uses `unsafe`: it holds regions as pointer and
-//! length, whatever owns them, and hands out byte slices of them.
+//! This is the one module of the crate that uses `unsafe`. The promise that memory stays
+//! readable and unchanged is made here, where a region comes in, and kept here: the
+//! iovecs a capture hands to the kernel, and the slices a dump reads, are made only by a
+//! [`Source`] for pages it checked (a private token type, `Iovs`), so the functions that `vmsplice` them or
+//! read them are sound by construction.
 //!
 //! # Rules
 //!
-//! - A region starts at a page-aligned page pipe address and covers a whole number of
-//!   pages; its memory starts on a page boundary (so each page is one pipe slot).
+//! - A region starts at a page-aligned page pipe address and covers a whole, non-zero
+//!   number of pages; its memory starts on a page boundary (so each page is one pipe
+//!   slot).
 //! - Regions do not overlap, in address or in memory.
-//! - Memory is borrowed for `'m` ([`with_slice`](Source::with_slice)), owned
-//!   ([`with_mmap`](Source::with_mmap)), or known only by pointer
-//!   ([`with_raw`](Source::with_raw), `unsafe`, whose caller promises the memory stays
-//!   mapped and unmodified for `'m`). A [`Captured`](crate::Captured) page pipe carries `'m`,
-//!   so safe code cannot change borrowed memory while its pages sit in pipes.
+//! - Memory comes in one of three ways, which decide how its pages may leave the crate
+//!   (DESIGN.md, "When page references may leave the crate"):
+//!   - borrowed for `'m` ([`with_slice`](Source::with_slice)), or known only by pointer
+//!     ([`with_raw`](Source::with_raw), `unsafe`, whose caller promises the memory stays
+//!     mapped and unmodified for `'m`): a capture may reference it from the crate's own
+//!     pipes while `'m` lasts ([`Captured`](crate::Captured) carries `'m`), but its pages
+//!     leave the crate only as copies, since the memory may change once `'m` ends;
+//!   - owned, anonymous and private ([`with_mmap`](Source::with_mmap) of
+//!     `MmapOptions::map_anon`): once the source has it nobody can write it any more, so
+//!     its pages may be referenced anywhere, given to the kernel (`SPLICE_F_GIFT`), and
+//!     outlive the source;
+//!   - owned but backed by a file or shared ([`with_mmap`](Source::with_mmap) of a file
+//!     mapping): others may still write it, so a capture copies it.
 #![allow(unsafe_code)]
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
 
 use memmap2::Mmap;
-use page_pipe_sys::RawIov;
+use page_pipe_sys::{Partial, RawIov, SpliceFlags};
 
 /// Why a region was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +57,11 @@ pub enum SourceError {
         addr: u64,
         /// The length in bytes.
         len: usize,
+    },
+    /// The region has no pages.
+    Empty {
+        /// The page pipe address of the region.
+        addr: u64,
     },
     /// The region overlaps one given before, in page pipe addresses or in memory.
     Overlap {
@@ -73,6 +91,7 @@ impl fmt::Display for SourceError {
                 f,
                 "region {addr:#x} is {len} bytes, not a whole number of pages"
             ),
+            SourceError::Empty { addr } => write!(f, "region {addr:#x} has no pages"),
             SourceError::Overlap { addr, other } => {
                 write!(f, "region {addr:#x} overlaps region {other:#x}")
             }
@@ -85,12 +104,28 @@ impl fmt::Display for SourceError {
 
 impl std::error::Error for SourceError {}
 
+/// How a region's memory is held, which decides how its pages may leave the crate.
 #[derive(Debug)]
 enum Owner {
-    /// Borrowed for `'m`, or raw under the `with_raw` contract.
+    /// Borrowed for `'m`, or raw under the `with_raw` contract: unchanged while `'m`
+    /// lasts, and no longer.
     Lent,
-    /// Owned: unmapped when the source is dropped. Pages already in pipes survive that.
-    Mmap(#[allow(dead_code)] Mmap),
+    /// Owned, anonymous and private: nobody can write it any more.
+    Sealed(#[allow(dead_code)] Mmap),
+    /// Owned, but others may write it (a file or shared mapping).
+    Shared(#[allow(dead_code)] Mmap),
+}
+
+/// How one piece of memory goes into a pipe, by the way its region is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// Referenced while `'m` lasts: `vmsplice` into the crate's pipes, no gift; such
+    /// pages leave the crate as copies.
+    Lent,
+    /// Nobody can write it: `vmsplice` with `SPLICE_F_GIFT`; its pages may go anywhere.
+    Sealed,
+    /// Others may write it: copied into the pipe.
+    Shared,
 }
 
 #[derive(Debug)]
@@ -98,7 +133,17 @@ struct Region {
     addr: u64,
     ptr: NonNull<u8>,
     len: usize,
-    _owner: Owner,
+    owner: Owner,
+}
+
+impl Region {
+    fn hold(&self) -> Hold {
+        match self.owner {
+            Owner::Lent => Hold::Lent,
+            Owner::Sealed(_) => Hold::Sealed,
+            Owner::Shared(_) => Hold::Shared,
+        }
+    }
 }
 
 /// Memory a page pipe captures from: regions, each mapping a range of page pipe addresses
@@ -110,7 +155,7 @@ struct Region {
 /// ```
 /// use memmap2::MmapOptions;
 /// use page_pipe::Source;
-/// let ps = page_pipe_sys::page_size().get();
+/// let ps = page_pipe::page_size();
 /// let mut ram = MmapOptions::new().len(4 * ps).map_anon()?;
 /// ram.fill(7);
 /// let source = Source::new().with_slice(0x10_0000, &ram[..])?;
@@ -126,11 +171,15 @@ pub struct Source<'m> {
     _mem: PhantomData<&'m [u8]>,
 }
 
-// SAFETY: a `Source` only reads its memory. Borrowed regions are `&'m [u8]`, which are
-// `Send` and `Sync`; owned regions are `Mmap`s, which are `Send` and `Sync`; raw regions
-// come with the `with_raw` contract, which includes reads from any thread.
+// SAFETY:
+// - a `Source` only reads its memory, through `&self`;
+// - borrowed regions are `&'m [u8]`, which are `Send`;
+// - owned regions are `Mmap`s, which are `Send`;
+// - raw regions come with the `with_raw` contract, which includes reads from any thread.
 unsafe impl Send for Source<'_> {}
-// SAFETY: as for `Send`: nothing is written through a `&Source`.
+// SAFETY:
+// - as for `Send`: nothing is written through a `&Source`, and every region may be read
+//   from any thread (`&[u8]` and `Mmap` are `Sync`; raw regions by contract).
 unsafe impl Sync for Source<'_> {}
 
 impl Default for Source<'_> {
@@ -154,7 +203,8 @@ impl<'m> Source<'m> {
         self.page_size
     }
 
-    /// Adds `mem`, borrowed for `'m`, as the region at page pipe address `addr`.
+    /// Adds `mem`, borrowed for `'m`, as the region at page pipe address `addr`. Its pages
+    /// leave the crate as copies (see the [module docs](self)).
     ///
     /// # Errors
     /// [`SourceError`] when the region breaks a rule of the [module docs](self).
@@ -164,27 +214,40 @@ impl<'m> Source<'m> {
     }
 
     /// Adds a mapping the source takes ownership of, as the region at `addr`. Dropping
-    /// the source unmaps it; pages already in pipes keep the contents they had.
+    /// the source unmaps it.
+    ///
+    /// An anonymous private mapping (`MmapOptions::map_anon`) can be written by nobody
+    /// once the source has it: its pages are given to the kernel and may leave the crate
+    /// by reference, and pages already in pipes keep their contents after the unmap. A
+    /// file or shared mapping can still be written by others (another handle of the file,
+    /// another process), so a capture copies its pages. The kind is read from
+    /// `/proc/self/maps`; when that cannot be read the mapping counts as shared.
     ///
     /// # Errors
     /// [`SourceError`] when the region breaks a rule of the [module docs](self).
     pub fn with_mmap(self, addr: u64, map: Mmap) -> Result<Self, SourceError> {
         let ptr = NonNull::from(&map[..]).cast::<u8>();
         let len = map.len();
-        self.insert(addr, ptr, len, Owner::Mmap(map))
+        let owner = if private_anonymous(ptr.as_ptr() as usize, len) {
+            Owner::Sealed(map)
+        } else {
+            Owner::Shared(map)
+        };
+        self.insert(addr, ptr, len, owner)
     }
 
     /// Adds `len` bytes of memory at `ptr`, known only by pointer (a VMM's guest RAM), as
-    /// the region at `addr`.
-    ///
-    /// # Errors
-    /// [`SourceError`] when the region breaks a rule of the [module docs](self).
+    /// the region at `addr`. Its pages leave the crate as copies, as borrowed memory's do.
     ///
     /// A capture hands the memory to the kernel by address, making no reference to it, so
     /// memory that is unmapped anyway makes `vmsplice` fail with `EFAULT`, reported as
     /// [`CaptureError::Kernel`](crate::CaptureError::Kernel) naming the page. The copying
-    /// path (taken when the kernel refuses `vmsplice`) and [`get`](Self::get) do read
-    /// through references, which is why the memory must stay mapped.
+    /// path (taken when the kernel refuses `vmsplice`), the dump from memory and
+    /// [`get`](Self::get) do read through references, which is why the memory must stay
+    /// mapped.
+    ///
+    /// # Errors
+    /// [`SourceError`] when the region breaks a rule of the [module docs](self).
     ///
     /// # Safety
     /// For all of `'m`:
@@ -222,15 +285,21 @@ impl<'m> Source<'m> {
         if len % ps != 0 {
             return Err(SourceError::PartialPage { addr, len });
         }
-        if addr.checked_add(len as u64).is_none() {
-            return Err(SourceError::Overflow { addr });
+        if len == 0 {
+            return Err(SourceError::Empty { addr });
         }
-        let (start, end) = (ptr.as_ptr() as usize, ptr.as_ptr() as usize + len);
+        let Some(end) = addr.checked_add(len as u64) else {
+            return Err(SourceError::Overflow { addr });
+        };
+        let start = ptr.as_ptr() as usize;
+        let mem_end = start
+            .checked_add(len)
+            .ok_or(SourceError::Overflow { addr })?;
         for r in &self.regions {
-            let (rs, re) = (r.ptr.as_ptr() as usize, r.ptr.as_ptr() as usize + r.len);
-            let addr_overlap = addr < r.addr + r.len as u64 && r.addr < addr + len as u64;
-            let mem_overlap = start < re && rs < end;
-            if len > 0 && r.len > 0 && (addr_overlap || mem_overlap) {
+            let rs = r.ptr.as_ptr() as usize;
+            let addr_overlap = addr < r.addr + r.len as u64 && r.addr < end;
+            let mem_overlap = start < rs + r.len && rs < mem_end;
+            if addr_overlap || mem_overlap {
                 return Err(SourceError::Overlap {
                     addr,
                     other: r.addr,
@@ -244,10 +313,16 @@ impl<'m> Source<'m> {
                 addr,
                 ptr,
                 len,
-                _owner: owner,
+                owner,
             },
         );
         Ok(self)
+    }
+
+    /// Whether every region is owned memory nobody can write any more, so that pages of
+    /// this source may leave the crate by reference.
+    pub fn is_sealed(&self) -> bool {
+        self.regions.iter().all(|r| r.hold() == Hold::Sealed)
     }
 
     /// The memory of `pages` pages from page pipe address `addr`, when one region covers
@@ -264,21 +339,29 @@ impl<'m> Source<'m> {
         if off.checked_add(len)? > r.len {
             return None;
         }
-        Some(self.slice(r, off, len))
+        // SAFETY:
+        // - `off + len <= r.len` (checked above), so the range lies in the region;
+        // - the region is readable and unmodified for 'm, which outlives `&self` (by the
+        //   borrow, by ownership, or by the `with_raw` contract);
+        // - any byte is a valid `u8`.
+        Some(unsafe { std::slice::from_raw_parts(r.ptr.as_ptr().add(off), len) })
     }
 
-    /// The memory of `pages` pages from `addr` as iovecs, one per region they cross (for
-    /// runs that span adjacent regions), appended to `out`; the first address not covered
-    /// by any region when they are not all covered. No reference to the memory is made.
-    pub(crate) fn iovs(&self, addr: u64, pages: u64, out: &mut Vec<RawIov>) -> Result<(), u64> {
+    /// The memory of `pages` pages from `addr`, one piece per region they cross (for runs
+    /// that span adjacent regions), appended to `out`; the first address not covered by
+    /// any region when they are not all covered. No reference to the memory is made.
+    pub(crate) fn iovs<'s>(&'s self, addr: u64, pages: u64, out: &mut Iovs<'s>) -> Result<(), u64> {
         let ps = self.page_size as u64;
-        let (mut at, end) = (addr, addr + pages * ps);
+        let Some(end) = pages.checked_mul(ps).and_then(|l| addr.checked_add(l)) else {
+            return Err(addr);
+        };
+        let mut at = addr;
         let mut i = self.regions.partition_point(|r| r.addr <= at);
         while at < end {
             let r = match i.checked_sub(1).map(|j| &self.regions[j]) {
                 Some(r) if at < r.addr + r.len as u64 => r,
                 _ => match self.regions.get(i) {
-                    Some(r) if r.addr == at && r.len > 0 => {
+                    Some(r) if r.addr == at => {
                         i += 1;
                         r
                     }
@@ -287,95 +370,198 @@ impl<'m> Source<'m> {
             };
             let off = (at - r.addr) as usize;
             let take = (r.len - off).min((end - at) as usize);
-            out.push(RawIov {
-                base: r.ptr.as_ptr().wrapping_add(off),
-                len: take,
+            out.pieces.push(Piece {
+                iov: RawIov {
+                    base: r.ptr.as_ptr().wrapping_add(off),
+                    len: take,
+                },
+                hold: r.hold(),
             });
             at += take as u64;
         }
         Ok(())
     }
+}
 
-    /// The memory of `pages` pages from `addr` as slices, one per region crossed,
-    /// appended to `out`; the first address not covered when they are not all covered.
-    /// (For a raw region this makes references to the memory, under the contract of
-    /// [`with_raw`](Self::with_raw).)
-    pub(crate) fn slices<'s>(
-        &'s self,
-        addr: u64,
-        pages: u64,
-        out: &mut Vec<&'s [u8]>,
-    ) -> Result<(), u64> {
-        let mut iovs = Vec::new();
-        self.iovs(addr, pages, &mut iovs)?;
-        for iov in iovs {
-            // SAFETY: `iov` was made by `Self::iovs` just above, so it lies within one
-            // region, whose memory is valid for reads and unmodified while `&self` lives
-            // (see `slice`).
-            out.push(unsafe { std::slice::from_raw_parts(iov.base, iov.len) });
+/// One piece of a source's memory: within one region.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    iov: RawIov,
+    hold: Hold,
+}
+
+/// Iovecs of a [`Source`]'s memory, made only by [`Source::iovs`] for pages it covers:
+/// each lies within one region, whose memory stays mapped, readable and unmodified while
+/// the borrow `'s` of the source lasts. That is what makes the functions below, which
+/// read that memory or hand it to the kernel, sound.
+#[derive(Debug)]
+pub(crate) struct Iovs<'s> {
+    pieces: Vec<Piece>,
+    _source: PhantomData<&'s ()>,
+}
+
+impl<'s> Iovs<'s> {
+    pub(crate) fn new() -> Self {
+        Self {
+            pieces: Vec::new(),
+            _source: PhantomData,
         }
-        Ok(())
     }
 
-    /// Copies the memory of `iovs` (from [`iovs`](Self::iovs) of this source) into the
-    /// pipe whose write end is `write_end`, with `write(2)`.
-    pub(crate) fn copy_into(
+    pub(crate) fn clear(&mut self) {
+        self.pieces.clear();
+    }
+
+    /// Pieces so far.
+    pub(crate) fn len(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// Bytes of pieces `range`.
+    pub(crate) fn bytes(&self, range: std::ops::Range<usize>) -> usize {
+        self.pieces[range].iter().map(|p| p.iov.len).sum()
+    }
+
+    /// How piece `i` goes into a pipe.
+    pub(crate) fn hold(&self, i: usize) -> Hold {
+        self.pieces[i].hold
+    }
+
+    /// The memory of pieces `range`, as slices.
+    pub(crate) fn slices(&self, range: std::ops::Range<usize>) -> Vec<&'s [u8]> {
+        self.pieces[range]
+            .iter()
+            .map(|p| {
+                // SAFETY:
+                // - `p.iov` was made by `Source::iovs`, so it lies within one region;
+                // - that region is readable and unmodified while the borrow 's of the
+                //   source lasts (the source's rules), and the slice lives no longer;
+                // - any byte is a valid `u8`.
+                unsafe { std::slice::from_raw_parts(p.iov.base, p.iov.len) }
+            })
+            .collect()
+    }
+
+    /// `vmsplice` of pieces `range`, after their first `skip` bytes, into `pipe` with
+    /// `SPLICE_F_NONBLOCK`, and `SPLICE_F_GIFT` if `gift` (honoured only when every piece
+    /// is [`Hold::Sealed`]). Returns the bytes moved.
+    pub(crate) fn vmsplice(
         &self,
-        write_end: &std::os::fd::OwnedFd,
-        iovs: &[RawIov],
-    ) -> Result<usize, page_pipe_sys::Partial> {
+        pipe: &page_pipe_sys::Pipe,
+        range: std::ops::Range<usize>,
+        skip: usize,
+        gift: bool,
+    ) -> Result<usize, Partial> {
+        let gift = gift
+            && self.pieces[range.clone()]
+                .iter()
+                .all(|p| p.hold == Hold::Sealed);
+        let mut flags = SpliceFlags::NONBLOCK;
+        if gift {
+            flags |= SpliceFlags::GIFT;
+        }
+        let iovs = after(&self.pieces[range], skip);
+        // SAFETY:
+        // - `pipe` was made by `page_pipe_sys::pipe`, so `pipe.write` is a pipe's write
+        //   end and the kernel only reads the memory;
+        // - the iovecs lie within regions of the source, readable while 's lasts (a
+        //   region unmapped anyway gives EFAULT, not undefined behaviour);
+        // - with GIFT, every piece is sealed memory: whole, aligned pages that nobody can
+        //   modify any more.
+        unsafe { page_pipe_sys::vmsplice_raw(&pipe.write, &iovs, flags) }
+    }
+
+    /// Writes pieces `range`, after their first `skip` bytes, into `fd` with `write(2)`:
+    /// the fd gets copies. Returns the bytes moved.
+    pub(crate) fn write(
+        &self,
+        fd: BorrowedFd<'_>,
+        range: std::ops::Range<usize>,
+        skip: usize,
+    ) -> Result<usize, Partial> {
         let mut done = 0;
-        for iov in iovs {
-            // SAFETY: `iov` was made by `Self::iovs` of this source (the caller's
-            // obligation, kept by the capture), so it lies within one region, whose memory
-            // is valid for reads and unmodified while `&self` lives (see `slice`).
-            let bytes = unsafe { std::slice::from_raw_parts(iov.base, iov.len) };
-            page_pipe_sys::write_exact(write_end, bytes).map_err(|p| page_pipe_sys::Partial {
-                done: done + p.done,
+        for bytes in self.slices(range) {
+            let bytes = if done + bytes.len() <= skip {
+                done += bytes.len();
+                continue;
+            } else if done < skip {
+                let cut = skip - done;
+                done = skip;
+                &bytes[cut..]
+            } else {
+                bytes
+            };
+            page_pipe_sys::write_exact(fd.as_fd(), bytes).map_err(|p| Partial {
+                done: done - skip + p.done,
                 stopped: p.stopped,
             })?;
-            done += iov.len;
+            done += bytes.len();
         }
-        Ok(done)
-    }
-
-    fn slice(&self, r: &Region, off: usize, len: usize) -> &[u8] {
-        debug_assert!(off + len <= r.len);
-        // SAFETY: - the range lies in the region (`off + len <= r.len`, both callers check);
-        // - the region is readable and unmodified for 'm, which outlives `&self` (by lifetime,
-        //   ownership, or the `with_raw` contract); - any initialised byte is a valid `u8`.
-        unsafe { std::slice::from_raw_parts(r.ptr.as_ptr().add(off), len) }
+        Ok(done - skip)
     }
 }
 
-/// `vmsplice` of memory slices of a [`Source`] into the pipe whose write end is
-/// `write_end`, with `SPLICE_F_NONBLOCK`, and `SPLICE_F_GIFT` if `gift`.
-///
-/// For the capture only: `pages` must be slices handed out by a `Source<'m>` (whole,
-/// page-aligned pages), and the caller must keep `'m` borrowed until the pages have left
-/// the pipe, as a [`Captured`](crate::Captured) page pipe does.
-pub(crate) fn vmsplice_pages(
-    write_end: &std::os::fd::OwnedFd,
-    pages: &[RawIov],
-    gift: bool,
-) -> Result<usize, page_pipe_sys::Partial> {
-    use page_pipe_sys::SpliceFlags;
-    let flags = if gift {
-        SpliceFlags::GIFT | SpliceFlags::NONBLOCK
-    } else {
-        SpliceFlags::NONBLOCK
-    };
-    // SAFETY: - `write_end` is a pipe's write end (the capture passes only those);
-    // - the iovecs are whole, aligned pages of a `Source` (unmapped memory gives EFAULT);
-    // - the `Captured<'m>` keeps that memory unmodified while its pages sit in pipes.
-    unsafe { page_pipe_sys::vmsplice_raw(write_end, pages, flags) }
-}
-
-/// Maps `file` read-only, for reading an image's pages file.
+/// Maps `file` read-only, for reading an image's pages file. (Interim: the image reader
+/// moves to positional reads.)
 pub(crate) fn map_readonly(file: &std::fs::File) -> std::io::Result<Mmap> {
-    // SAFETY: the file must not change or shrink while mapped: this crate only reads it,
-    // and `Image` documents that others must not change its files while it is open.
+    // SAFETY:
+    // - the file must not change or shrink while mapped: `Image` documents that others
+    //   must not change its files while it is open.
     unsafe { Mmap::map(file) }
+}
+
+/// The iovecs of `pieces` after their first `skip` bytes.
+fn after(pieces: &[Piece], mut skip: usize) -> Vec<RawIov> {
+    let mut out = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        if skip >= p.iov.len {
+            skip -= p.iov.len;
+            continue;
+        }
+        out.push(RawIov {
+            base: p.iov.base.wrapping_add(skip),
+            len: p.iov.len - skip,
+        });
+        skip = 0;
+    }
+    out
+}
+
+/// Whether `len` bytes at `start` are all in private anonymous mappings, by
+/// `/proc/self/maps` (private: `p` in the permissions; anonymous: inode 0). Anything
+/// unreadable or not covered counts as not.
+fn private_anonymous(start: usize, len: usize) -> bool {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return false;
+    };
+    let end = start.saturating_add(len);
+    let mut at = start;
+    for line in maps.lines() {
+        let mut f = line.split_ascii_whitespace();
+        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let Some((lo, hi)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        else {
+            continue;
+        };
+        if hi <= at || lo > at {
+            continue;
+        }
+        if !perms.ends_with('p') || inode != "0" {
+            return false;
+        }
+        at = hi;
+        if at >= end {
+            return true;
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -429,6 +615,23 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_region_is_refused_and_cannot_hide_another() {
+        let m = anon(2);
+        let p = ps() as u64;
+        // Before the fix an empty region at the address of a real one hid it from
+        // lookups.
+        let s = Source::new().with_slice(8 * p, &m[..]).unwrap();
+        assert_eq!(
+            s.with_slice(8 * p, &m[..0]).unwrap_err(),
+            SourceError::Empty { addr: 8 * p }
+        );
+        let s = Source::new().with_slice(8 * p, &m[..]).unwrap();
+        let mut out = Iovs::new();
+        s.iovs(8 * p, 2, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
     fn iovecs_cross_adjacent_regions_and_name_the_first_gap() {
         let mut a = anon(2);
         let mut b = anon(2);
@@ -440,11 +643,18 @@ mod tests {
             .unwrap()
             .with_slice(8 * p, &a[..])
             .unwrap();
-        let mut out = Vec::new();
+        let mut out = Iovs::new();
         s.iovs(9 * p, 3, &mut out).unwrap();
         assert_eq!(out.len(), 2);
-        assert_eq!((out[0].base, out[0].len), (a[ps()..].as_ptr(), ps()));
-        assert_eq!((out[1].base, out[1].len), (b.as_ptr(), 2 * ps()));
+        let slices = out.slices(0..2);
+        assert_eq!(
+            (slices[0].as_ptr(), slices[0].len()),
+            (a[ps()..].as_ptr(), ps())
+        );
+        assert_eq!(
+            (slices[1].as_ptr(), slices[1].len()),
+            (b.as_ptr(), 2 * ps())
+        );
         out.clear();
         assert_eq!(s.iovs(11 * p, 2, &mut out), Err(12 * p));
         assert_eq!(s.iovs(7 * p, 1, &mut out), Err(7 * p));
@@ -460,5 +670,24 @@ mod tests {
             .with_mmap(0, m.make_read_only().unwrap())
             .unwrap();
         assert_eq!(s.get(0, 1).unwrap()[ps() - 1], 9);
+    }
+
+    #[test]
+    fn anonymous_private_maps_are_sealed_and_file_maps_are_not() {
+        let m = anon(2).make_read_only().unwrap();
+        assert!(private_anonymous(m.as_ptr() as usize, m.len()));
+        let s = Source::new().with_mmap(0, m).unwrap();
+        assert!(s.is_sealed());
+        let path = std::env::temp_dir().join(format!("pp-source-{}", std::process::id()));
+        std::fs::write(&path, vec![1u8; 2 * ps()]).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY: the file is this test's own and nobody changes it while mapped.
+        let fm = unsafe { Mmap::map(&f) }.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(!private_anonymous(fm.as_ptr() as usize, fm.len()));
+        let s = Source::new().with_mmap(0, fm).unwrap();
+        assert!(!s.is_sealed());
+        let mine = anon(1);
+        assert!(!Source::new().with_slice(0, &mine[..]).unwrap().is_sealed());
     }
 }

@@ -120,38 +120,3 @@ impl Hole {
         self.vaddr + self.pages * page_size as u64
     }
 }
-
-/// One entry of a page pipe in address order: a run of a buf, or a hole. This is what a
-/// dump writes as a pagemap entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Entry {
-    /// Captured pages, with the flags of their buf.
-    Pages {
-        /// The address of the first page.
-        vaddr: u64,
-        /// The number of pages.
-        pages: u64,
-        /// The flags of the buf holding them.
-        flags: BufFlags,
-    },
-    /// Pages not captured.
-    Hole(Hole),
-}
-
-impl Entry {
-    /// The address of the first page.
-    pub fn vaddr(&self) -> u64 {
-        match self {
-            Entry::Pages { vaddr, .. } => *vaddr,
-            Entry::Hole(h) => h.vaddr,
-        }
-    }
-
-    /// The number of pages.
-    pub fn pages(&self) -> u64 {
-        match self {
-            Entry::Pages { pages, .. } => *pages,
-            Entry::Hole(h) => h.pages,
-        }
-    }
-}

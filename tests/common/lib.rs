@@ -172,8 +172,7 @@ pub fn fill_pattern(buf: &mut [u8], seed: u8) {
 
 /// Proptest strategies for page pipe configurations and operation sequences.
 pub mod strategies {
-    use page_pipe::FakeKernel;
-    use page_pipe::model::{Config, Op};
+    use page_pipe::testing::{Config, FakeKernel, Op};
     use proptest::prelude::*;
 
     /// One operation; mostly adds, with releases, re-inits and bad addresses mixed in.
@@ -185,6 +184,7 @@ pub mod strategies {
                 .prop_map(|(gap, n, parent)| Op::Holes { gap, n, parent }),
             1 => any::<usize>().prop_map(|nth| Op::Release { nth }),
             1 => Just(Op::Reinit),
+            1 => proptest::option::of(0usize..6).prop_map(|ok| Op::Drain { ok }),
             1 => (1u64..8192).prop_map(|off| Op::Unaligned { off }),
             1 => (1u64..8).prop_map(|back| Op::Backwards { back }),
         ]

@@ -3,8 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
-use page_pipe::model::{Config, Op, check_sequence};
-use page_pipe::{BufFlags, FakeKernel, FakePipes, KernelPipes, PagePipe, PipeBackend, Progress};
+use page_pipe::testing::{Config, FakeKernel, FakePipes, Op, check_sequence};
+use page_pipe::{BufFlags, KernelPipes, PagePipe, PipeBackend, Progress};
 use page_pipe_sys::PipeLimits;
 use page_pipe_tests::strategies::{config, fake_kernel, op};
 use page_pipe_tests::{alone, open_fds};

@@ -5,11 +5,9 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 
 use page_pipe::image::{Image, ImageError, ImageWriter};
-use page_pipe::model::{Config, Op, check_sequence};
 use page_pipe::snapshot::{Drain, SnapshotError, SnapshotOptions, Span, snapshot};
-use page_pipe::{
-    AddError, BufFlags, DumpErrorKind, FakeKernel, FakePipes, FdSink, PagePipe, Source,
-};
+use page_pipe::testing::{Config, FakeKernel, FakePipes, Op, check_sequence};
+use page_pipe::{AddError, BufFlags, DumpErrorKind, FdSink, PagePipe, Source};
 use page_pipe_tests::{
     AS_NOBODY, TempDir, Unprivileged, alone, assert_restores, limit_open_files, open_fds,
     patterned, snapshot_demo, unprivileged,

@@ -1,7 +1,7 @@
 //! Serving captured pages on demand over real pipes: random reads against a linear scan
 //! (CRIU's lookup) and the memory, boundaries, flags, repeated reads and release.
 
-use page_pipe::{BufFlags, Captured, PagePipe, ReadDest, ReadError, Source};
+use page_pipe::{BufFlags, Captured, PagePipe, ServeDest, ServeError, Source};
 use page_pipe_tests::{alone, open_fds, patterned};
 use proptest::prelude::*;
 
@@ -31,7 +31,7 @@ fn expected(c: &Captured<'_>, addr: u64, n: u64) -> Option<(u64, BufFlags)> {
 /// Reads and checks one request against the scan and the memory.
 fn check_read(
     c: &mut Captured<'_>,
-    dest: &mut ReadDest,
+    dest: &mut ServeDest,
     mem: &[u8],
     page: u64,
     n: u64,
@@ -39,9 +39,9 @@ fn check_read(
 ) -> Result<u64, String> {
     let addr = at(page);
     let exp = expected(c, addr, n);
-    match (c.read(dest, addr, n, want), exp) {
+    match (c.serve(dest, addr, n, want), exp) {
         (Ok(s), None) if s.pages() == 0 => Ok(0),
-        (Err(ReadError::Flags { have, .. }), Some((_, flags))) if !flags.contains(want) => {
+        (Err(ServeError::Flags { have, .. }), Some((_, flags))) if !flags.contains(want) => {
             assert_eq!(have, flags);
             Ok(0)
         }
@@ -98,7 +98,7 @@ proptest! {
             }
         }
         let mut c = pp.capture(&source).unwrap();
-        let mut dest = ReadDest::for_captured(&c).unwrap();
+        let mut dest = ServeDest::for_captured(&c).unwrap();
         for (p, n, lazy) in reads {
             let want = if lazy { BufFlags::LAZY } else { BufFlags::empty() };
             check_read(&mut c, &mut dest, &mem, p % (span + 2), n, want)
@@ -134,7 +134,7 @@ fn boundaries_of_runs_bufs_and_shared_pipes() {
     assert_eq!(bufs[n - 3].0, bufs[n - 2].0, "shared pipe");
     assert!(bufs[n - 1].1 > 0, "the last buf starts at an offset");
     let mut c = pp.capture(&source).unwrap();
-    let mut d = ReadDest::for_captured(&c).unwrap();
+    let mut d = ServeDest::for_captured(&c).unwrap();
     let e = BufFlags::empty();
     let second = bufs[1].2;
     let cases = [
@@ -177,12 +177,12 @@ fn flags_dumps_and_releases() {
     // A second lazy buf, sharing the first one's pipe.
     pp.add_pages(at(20), 8, BufFlags::LAZY).unwrap();
     let mut c = pp.capture(&source).unwrap();
-    let mut d = ReadDest::for_captured(&c).unwrap();
+    let mut d = ServeDest::for_captured(&c).unwrap();
     // Asking lazy pages of a plain buf is an error naming the address.
-    let err = c.read(&mut d, at(1), 1, BufFlags::LAZY).unwrap_err();
+    let err = c.serve(&mut d, at(1), 1, BufFlags::LAZY).unwrap_err();
     assert_eq!(
         err,
-        ReadError::Flags {
+        ServeError::Flags {
             addr: at(1),
             have: BufFlags::empty(),
             want: BufFlags::LAZY
@@ -193,14 +193,14 @@ fn flags_dumps_and_releases() {
     let mut sink = page_pipe::CallbackSink::new(|_: &_, _: &[u8]| Ok(()));
     c.dump(&mut sink).unwrap();
     assert_eq!(
-        c.read(&mut d, at(0), 1, BufFlags::empty()).unwrap_err(),
-        ReadError::Dumped { addr: at(0) }
+        c.serve(&mut d, at(0), 1, BufFlags::empty()).unwrap_err(),
+        ServeError::Dumped { addr: at(0) }
     );
     // Serve the first lazy buf in full, in two reads; then release it.
-    let s = c.read(&mut d, at(8), 5, BufFlags::LAZY).unwrap();
+    let s = c.serve(&mut d, at(8), 5, BufFlags::LAZY).unwrap();
     assert!(!s.buf_done());
     drop(s); // discards the pages waiting in the destination
-    let s = c.read(&mut d, at(12), 8, BufFlags::LAZY).unwrap();
+    let s = c.serve(&mut d, at(12), 8, BufFlags::LAZY).unwrap();
     assert_eq!(s.pages(), 4);
     assert!(s.buf_done());
     let id = s.buf().unwrap();
@@ -212,14 +212,17 @@ fn flags_dumps_and_releases() {
         open,
         "the lazy pipe is still shared"
     );
-    assert_eq!(c.read(&mut d, at(8), 1, BufFlags::LAZY).unwrap().pages(), 0);
+    assert_eq!(
+        c.serve(&mut d, at(8), 1, BufFlags::LAZY).unwrap().pages(),
+        0
+    );
     // The other lazy buf, behind the released one's pages in the pipe, still serves
     // byte for byte; served in full and released, it closes the pipe.
     assert_eq!(
         check_read(&mut c, &mut d, &mem, 22, 8, BufFlags::LAZY).unwrap(),
         6
     );
-    let s = c.read(&mut d, at(20), 2, BufFlags::LAZY).unwrap();
+    let s = c.serve(&mut d, at(20), 2, BufFlags::LAZY).unwrap();
     assert!(s.buf_done());
     let id = s.buf().unwrap();
     drop(s);
@@ -236,9 +239,9 @@ fn served_pages_splice_into_a_socket() {
     let mut pp = PagePipe::builder().iov_budget(4).build().unwrap();
     pp.add_pages(at(0), 32, BufFlags::empty()).unwrap();
     let mut c = pp.capture(&source).unwrap();
-    let mut d = ReadDest::for_captured(&c).unwrap();
+    let mut d = ServeDest::for_captured(&c).unwrap();
     let (mut rx, tx) = std::os::unix::net::UnixStream::pair().unwrap();
-    let mut s = c.read(&mut d, at(3), 4, BufFlags::empty()).unwrap();
+    let mut s = c.serve(&mut d, at(3), 4, BufFlags::empty()).unwrap();
     s.splice_into(&tx).unwrap();
     assert_eq!(s.bytes_left(), 0);
     drop(s);
@@ -246,14 +249,15 @@ fn served_pages_splice_into_a_socket() {
     std::io::Read::read_exact(&mut rx, &mut got).unwrap();
     assert!(got[..] == mem[3 * ps() as usize..7 * ps() as usize]);
     // A wrongly sized buffer is refused, and the pages stay for the right one.
-    let mut s = c.read(&mut d, at(0), 1, BufFlags::empty()).unwrap();
+    let mut s = c.serve(&mut d, at(0), 1, BufFlags::empty()).unwrap();
     assert!(s.read_into(&mut [0u8; 10]).is_err());
     let mut page = vec![0u8; ps() as usize];
     s.read_into(&mut page).unwrap();
     assert!(page[..] == mem[..ps() as usize]);
     drop(s);
     assert_eq!(
-        c.read(&mut d, at(1) + 8, 1, BufFlags::empty()).unwrap_err(),
-        ReadError::Unaligned { addr: at(1) + 8 }
+        c.serve(&mut d, at(1) + 8, 1, BufFlags::empty())
+            .unwrap_err(),
+        ServeError::Unaligned { addr: at(1) + 8 }
     );
 }

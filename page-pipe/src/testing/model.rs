@@ -9,8 +9,8 @@
 //! hold of any page pipe.
 //!
 //! ```
-//! use page_pipe::model::{run_ops, Config, Model, Op};
-//! use page_pipe::{FakeKernel, FakePipes, PagePipe};
+//! use page_pipe::testing::{run_ops, Config, FakeKernel, FakePipes, Model, Op};
+//! use page_pipe::PagePipe;
 //! let cfg = Config { budget: 8, ..Config::new(FakeKernel::new(4096)) };
 //! let mut model = Model::new(cfg.clone()).unwrap();
 //! let mut pp = PagePipe::builder()
@@ -25,8 +25,10 @@ use std::collections::BTreeMap;
 
 use page_pipe_sys::{Errno, NR_PIPES_PER_CHUNK, pipe_max_size_pages};
 
-use crate::backend::{FakeKernel, PipeBackend};
-use crate::builder::{IovStore, Mode};
+use super::FakeKernel;
+use crate::backend::PipeBackend;
+use crate::image::{PageFlags, PagemapEntry};
+use crate::mode::{IovStore, Mode};
 use crate::page_pipe::{AddError, Outcome, PagePipe, Progress, Stats};
 use crate::types::{BufFlags, Hole, HoleFlags, Run};
 
@@ -406,18 +408,7 @@ impl Model {
             return None;
         }
         let i = live[nth % live.len()];
-        self.bufs[i].live = false;
-        for p in &mut self.prev {
-            if *p == Some(i) {
-                *p = None;
-            }
-        }
-        let pipe = self.bufs[i].pipe;
-        let e = self.pipes.get_mut(&pipe).unwrap();
-        e.users -= 1;
-        if e.users == 0 {
-            self.pipes.remove(&pipe);
-        }
+        self.release(i);
         Some(live.iter().position(|&x| x == i).unwrap())
     }
 
@@ -438,6 +429,94 @@ impl Model {
             b.live = true;
             self.bufs.push(b);
             self.stats.bufs += 1;
+        }
+    }
+}
+
+impl Model {
+    /// A capture and dump in the model (CRIU's `page_xfer_dump_pages`): bufs in order,
+    /// runs in order, before each run the holes below it, the holes left at the end; a
+    /// hole without `PARENT` is left out, a lazy run with lazy pages on stays in its pipe.
+    /// The dump fails at the present entry after the first `ok`. In chunk mode the model
+    /// then releases the bufs whose pages are still in their pipes (not all taken, lazy,
+    /// or the failed one) and re-inits. Returns the entries written.
+    pub fn drain(&mut self, ok: Option<usize>, chunk: bool) -> Vec<PagemapEntry> {
+        let lazy_pages = self.cfg.lazy_pages;
+        let mut out = Vec::new();
+        let mut holes = self.holes.iter().peekable();
+        let parent = |h: &Hole| PagemapEntry {
+            vaddr: h.vaddr,
+            pages: h.pages,
+            flags: PageFlags::PARENT,
+        };
+        // Per buf: pages taken from its pipe, and whether a transfer failed on it.
+        let mut taken = vec![0u64; self.bufs.len()];
+        let mut failed = None;
+        let mut present = 0;
+        'dump: for (i, b) in self.bufs.iter().enumerate().filter(|(_, b)| b.live) {
+            for r in &b.runs {
+                while let Some(h) = holes.next_if(|h| h.vaddr < r.vaddr) {
+                    if h.flags.contains(HoleFlags::PARENT) {
+                        out.push(parent(h));
+                    }
+                }
+                let lazy = b.flags.contains(BufFlags::LAZY);
+                let flags = match (lazy, lazy_pages) {
+                    (false, _) => PageFlags::PRESENT,
+                    (true, false) => PageFlags::LAZY | PageFlags::PRESENT,
+                    (true, true) => PageFlags::LAZY,
+                };
+                let e = PagemapEntry {
+                    vaddr: r.vaddr,
+                    pages: r.pages,
+                    flags,
+                };
+                if flags.contains(PageFlags::PRESENT) {
+                    if ok.is_some_and(|ok| present >= ok) {
+                        failed = Some(i);
+                        break 'dump;
+                    }
+                    present += 1;
+                    taken[i] += r.pages;
+                }
+                out.push(e);
+            }
+        }
+        if failed.is_none() {
+            for h in holes.filter(|h| h.flags.contains(HoleFlags::PARENT)) {
+                out.push(parent(h));
+            }
+        }
+        if chunk {
+            let held: Vec<usize> = (0..self.bufs.len())
+                .filter(|&i| {
+                    let b = &self.bufs[i];
+                    b.live && (taken[i] < b.pages() || failed == Some(i))
+                })
+                .collect();
+            for i in held {
+                self.release(i);
+            }
+            self.reinit();
+        }
+        out
+    }
+
+    fn release(&mut self, i: usize) {
+        self.bufs[i].live = false;
+        for p in &mut self.prev {
+            if *p == Some(i) {
+                *p = None;
+            }
+        }
+        let pipe = self.bufs[i].pipe;
+        let e = self
+            .pipes
+            .get_mut(&pipe)
+            .expect("a live buf's pipe is open");
+        e.users -= 1;
+        if e.users == 0 {
+            self.pipes.remove(&pipe);
         }
     }
 }
@@ -533,7 +612,7 @@ pub fn compare<M: Mode, I: IovStore, B: PipeBackend>(
     Ok(())
 }
 
-/// Checks the invariants of a page pipe, from its internals:
+/// Checks the invariants of a page pipe (see `PagePipe`'s invariants in DESIGN.md):
 ///
 /// - each buf's page count is the sum of its runs; no two consecutive runs of a buf are
 ///   contiguous; all runs ascend and do not overlap;
@@ -549,127 +628,7 @@ pub fn compare<M: Mode, I: IovStore, B: PipeBackend>(
 pub fn check_invariants<M: Mode, I: IovStore, B: PipeBackend>(
     pp: &PagePipe<M, I, B>,
 ) -> Result<(), String> {
-    let ps = pp.page_size() as u64;
-    let runs = pp.iovs.runs();
-    if runs.len() > pp.iov_budget() {
-        return Err(format!(
-            "{} runs exceed the budget {}",
-            runs.len(),
-            pp.iov_budget()
-        ));
-    }
-    // Spans of runs and holes, to check order and overlap together.
-    let mut spans: Vec<(u64, u64, &str)> = Vec::new();
-    let mut on_pipe: BTreeMap<u64, Vec<(u64, u64, bool, bool)>> = BTreeMap::new();
-    for (i, b) in pp.bufs.iter().enumerate() {
-        let mine = &runs[b.first_run..b.first_run + b.nr_runs];
-        let sum: u64 = mine.iter().map(|r| r.pages).sum();
-        if sum != b.pages {
-            return Err(format!(
-                "buf {i}: {} pages but its runs hold {sum}",
-                b.pages
-            ));
-        }
-        for w in mine.windows(2) {
-            if w[0].vaddr + w[0].pages * ps == w[1].vaddr {
-                return Err(format!(
-                    "buf {i}: runs {:?} and {:?} are contiguous",
-                    w[0], w[1]
-                ));
-            }
-        }
-        if mine.iter().any(|r| r.pages == 0) {
-            return Err(format!("buf {i}: an empty run"));
-        }
-        if b.live {
-            spans.extend(
-                mine.iter()
-                    .map(|r| (r.vaddr, r.vaddr + r.pages * ps, "run")),
-            );
-        }
-        let lazy = pp.lazy_pages() && b.flags.contains(BufFlags::LAZY);
-        on_pipe
-            .entry(b.serial)
-            .or_default()
-            .push((b.pipe_off, b.pages, lazy, b.live));
-    }
-    spans.extend(
-        pp.holes()
-            .iter()
-            .map(|h| (h.vaddr, h.vaddr + h.pages * ps, "hole")),
-    );
-    spans.sort();
-    for w in spans.windows(2) {
-        if w[0].1 > w[1].0 {
-            return Err(format!(
-                "{} {:#x}..{:#x} overlaps {} {:#x}..{:#x}",
-                w[0].2, w[0].0, w[0].1, w[1].2, w[1].0, w[1].1
-            ));
-        }
-    }
-    for w in pp.holes().windows(2) {
-        if w[0].vaddr >= w[1].vaddr {
-            return Err(format!("holes out of order: {:?} {:?}", w[0], w[1]));
-        }
-        if w[0].flags == w[1].flags && w[0].end(ps as usize) == w[1].vaddr {
-            return Err(format!(
-                "holes {:?} and {:?} should have coalesced",
-                w[0], w[1]
-            ));
-        }
-    }
-    let mut open = 0;
-    for (slot, s) in pp.pipes.iter().enumerate() {
-        let Some(s) = s else { continue };
-        open += 1;
-        let bufs = on_pipe.get(&s.serial).map(Vec::as_slice).unwrap_or(&[]);
-        let free = pp.free.iter().filter(|b| b.slot == slot).count();
-        let users = bufs.iter().filter(|b| b.3).count() + free;
-        if users != s.users as usize {
-            return Err(format!(
-                "pipe {}: {} users counted, {users} bufs on it",
-                s.serial, s.users
-            ));
-        }
-        let mut end = 0;
-        for &(off, pages, _, _) in bufs {
-            if off != end {
-                return Err(format!(
-                    "pipe {}: a buf starts at {off}, the previous ended at {end}",
-                    s.serial
-                ));
-            }
-            end = off + pages;
-        }
-        if end > s.capacity {
-            return Err(format!(
-                "pipe {}: {end} pages in a capacity of {}",
-                s.serial, s.capacity
-            ));
-        }
-        if M::CHUNK && bufs.len() > 1 {
-            return Err(format!("pipe {} is shared in chunk mode", s.serial));
-        }
-        if bufs.iter().any(|b| b.2) && bufs.iter().any(|b| !b.2) {
-            return Err(format!(
-                "pipe {} holds lazy and plain bufs with lazy pages on",
-                s.serial
-            ));
-        }
-    }
-    if open != pp.open_pipes() {
-        return Err(format!("{open} pipes open, {} counted", pp.open_pipes()));
-    }
-    if M::CHUNK && open > NR_PIPES_PER_CHUNK {
-        return Err(format!("{open} pipes open in chunk mode"));
-    }
-    for b in &pp.bufs {
-        let open = pp.pipes.get(b.slot).and_then(Option::as_ref);
-        if b.live && open.is_none_or(|s| s.serial != b.serial) {
-            return Err("a live buf's pipe is closed".into());
-        }
-    }
-    Ok(())
+    pp.check_invariants()
 }
 
 /// One operation of a test sequence. Addresses are relative: each add starts `gap` pages
@@ -701,6 +660,14 @@ pub enum Op {
     },
     /// Re-init (chunk mode; a no-op otherwise).
     Reinit,
+    /// Capture and dump (keeping the books only; no bytes move), the dump failing after
+    /// `ok` present entries if `ok` is given; then, in chunk mode, re-init as
+    /// [`Captured::reinit`](crate::Captured::reinit) does: bufs whose pages are still in
+    /// their pipes are released first.
+    Drain {
+        /// Present entries the dump takes before it fails (`None`: it does not fail).
+        ok: Option<usize>,
+    },
     /// Add a page `off` bytes past the next address (an unaligned address when `off` is
     /// not a multiple of the page size).
     Unaligned {
@@ -738,6 +705,9 @@ impl Op {
             },
             11 | 12 => Op::Release {
                 nth: usize::from(byte()),
+            },
+            13 if tag & 0x20 != 0 => Op::Drain {
+                ok: (tag & 0x40 != 0).then(|| usize::from(byte() % 8)),
             },
             13 => Op::Reinit,
             14 => Op::Unaligned {
@@ -901,8 +871,18 @@ pub fn run_ops<M: Mode, I: IovStore, B: PipeBackend>(
             }
             Op::Reinit => {
                 if M::CHUNK {
-                    pp.reinit_inner();
+                    pp.reinit_for_tests();
                     model.reinit();
+                }
+                (Ok(Progress::Done), Ok(Progress::Done))
+            }
+            Op::Drain { ok } => {
+                let wrote = pp.drain_for_tests(ok);
+                let want = model.drain(ok, M::CHUNK);
+                if wrote != want {
+                    return Err(format!(
+                        "step {step} {op:?}: the dump wrote\n real  {wrote:?}\n model {want:?}"
+                    ));
                 }
                 (Ok(Progress::Done), Ok(Progress::Done))
             }
