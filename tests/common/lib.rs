@@ -170,6 +170,19 @@ pub fn fill_pattern(buf: &mut [u8], seed: u8) {
     }
 }
 
+/// A proptest configuration of `cases` cases whose failures are kept in
+/// `tests/proptest-regressions/<name>.txt`: one file per test binary, since every binary's
+/// source file is called `main.rs`.
+pub fn proptest_config(cases: u32, name: &'static str) -> proptest::test_runner::Config {
+    use proptest::test_runner::{Config, FileFailurePersistence};
+    let path: &'static str = Box::leak(format!("proptest-regressions/{name}.txt").into_boxed_str());
+    Config {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(path))),
+        ..Config::default()
+    }
+}
+
 /// Proptest strategies for page pipe configurations and operation sequences.
 pub mod strategies {
     use page_pipe::testing::{Config, FakeKernel, Op};

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 const BASE: u64 = 0x7f00_0000_0000;
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(page_pipe_tests::proptest_config(2000, "core"))]
 
     /// Over the fake backend, with failures injected at chosen pipe calls: the page pipe
     /// equals the model after every step, its invariants hold, and every fake pipe it
@@ -36,7 +36,7 @@ fn real_config() -> impl Strategy<Value = Config> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(page_pipe_tests::proptest_config(300, "core"))]
 
     /// Over real pipes: the kernel's answers are those the model predicts from the limits
     /// in force.

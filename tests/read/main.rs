@@ -68,7 +68,7 @@ fn check_read(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 150, ..ProptestConfig::default() })]
+    #![proptest_config(page_pipe_tests::proptest_config(150, "read"))]
 
     #[test]
     fn random_reads_match_a_linear_scan_and_the_memory(
