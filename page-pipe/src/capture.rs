@@ -169,7 +169,7 @@ pub struct Captured<'m, M: Mode = SinglePass, I: IovStore = OwnIovs> {
     report: CaptureReport,
     dumped: bool,
     devnull: Option<File>,
-    index: Option<crate::serve::ServeIndex>,
+    index: Option<crate::serve_index::ServeIndex>,
     _mem: PhantomData<&'m [u8]>,
 }
 
@@ -355,7 +355,7 @@ impl<'m, M: Mode, I: IovStore> Captured<'m, M, I> {
     ) -> (
         &mut PagePipe<M, I, KernelPipes>,
         &mut Option<File>,
-        &mut Option<crate::serve::ServeIndex>,
+        &mut Option<crate::serve_index::ServeIndex>,
     ) {
         (&mut self.pp, &mut self.devnull, &mut self.index)
     }

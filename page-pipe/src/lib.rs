@@ -65,6 +65,7 @@ pub mod image;
 pub mod mode;
 pub mod page_pipe;
 pub mod serve;
+mod serve_index;
 pub mod snapshot;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]

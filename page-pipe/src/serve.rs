@@ -35,6 +35,7 @@ use page_pipe_sys::{Errno, FdKind, Pipe, SpliceFlags, splice_exact, tee_exact};
 use crate::capture::Captured;
 use crate::mode::{IovStore, Mode};
 use crate::page_pipe::BufId;
+use crate::serve_index::ServeIndex;
 use crate::types::{BufFlags, Run};
 
 /// The system call that failed while serving.
@@ -435,47 +436,6 @@ pub struct Found {
     pub flags: BufFlags,
     /// The run holding the address.
     pub run: Run,
-}
-
-/// Per-run and per-buf facts for serving, made on the first serve.
-#[derive(Debug, Default)]
-pub(crate) struct ServeIndex {
-    /// Page offset of each run in its buf.
-    run_off: Vec<u64>,
-    /// Index, among all captured pages, of each buf's first page.
-    buf_base: Vec<u64>,
-    /// Pages of each buf not served yet.
-    buf_left: Vec<u64>,
-    /// One bit per captured page: served at least once.
-    served: Vec<u64>,
-}
-
-impl ServeIndex {
-    fn new<M: Mode, I: IovStore>(pp: &crate::PagePipe<M, I, crate::KernelPipes>) -> Self {
-        let runs = pp.runs();
-        let n = pp.buf_count();
-        let mut ix = ServeIndex {
-            run_off: vec![0; runs.len()],
-            buf_base: vec![0; n],
-            buf_left: vec![0; n],
-            served: Vec::new(),
-        };
-        let mut base = 0;
-        for bi in 0..n {
-            let b = pp.buf_info(bi);
-            ix.buf_base[bi] = base;
-            ix.buf_left[bi] = b.pages;
-            let mut off = 0;
-            let range = b.first_run..b.first_run + b.nr_runs;
-            for (slot, r) in ix.run_off[range.clone()].iter_mut().zip(&runs[range]) {
-                *slot = off;
-                off += r.pages();
-            }
-            base += b.pages;
-        }
-        ix.served = vec![0; base.div_ceil(64) as usize];
-        ix
-    }
 }
 
 impl<M: Mode, I: IovStore> Captured<'_, M, I> {

@@ -831,6 +831,3 @@ impl<M: Mode, I: IovStore, B: PipeBackend> Drop for PagePipe<M, I, B> {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -6,6 +6,10 @@
 
 mod fake;
 mod model;
+mod ops;
+#[cfg(test)]
+mod page_pipe_tests;
 
 pub use fake::{FakeKernel, FakePipe, FakePipes};
-pub use model::{Config, Model, ModelBuf, Op, check_invariants, check_sequence, compare, run_ops};
+pub use model::{Config, Model, ModelBuf, check_invariants, compare};
+pub use ops::{Op, check_sequence, run_ops};

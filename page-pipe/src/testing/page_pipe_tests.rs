@@ -1,10 +1,12 @@
 //! Unit tests of the page pipe's rules over fake pipes.
 
-use super::*;
 use page_pipe_sys::Errno;
 
-use crate::testing::{FakeKernel, FakePipes};
-use crate::{CallerIovs, OwnIovs, PageFlags};
+use super::{FakeKernel, FakePipes};
+use crate::mode::{ChunkMode, IovStore, Mode, SinglePass};
+use crate::page_pipe::{AddError, PagePipe, PipeId, Progress, UnknownBuf};
+use crate::types::{BufFlags, HoleFlags, Run};
+use crate::{CallerIovs, OwnIovs, PageFlags, PipeBackend};
 
 const PS: u64 = 4096;
 
