@@ -371,13 +371,6 @@ pub(crate) fn vmsplice_pages(
     unsafe { page_pipe_sys::vmsplice_raw(write_end, pages, flags) }
 }
 
-/// Maps `file` read-only, for reading an image's pages file.
-pub(crate) fn map_readonly(file: &std::fs::File) -> std::io::Result<Mmap> {
-    // SAFETY: the file must not change or shrink while mapped: this crate only reads it,
-    // and `Image` documents that others must not change its files while it is open.
-    unsafe { Mmap::map(file) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

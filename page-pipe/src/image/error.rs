@@ -1,0 +1,290 @@
+//! [`ImageError`]: what went wrong with an image, and in which file.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::{FormatAt, MAX_PAGEMAP_BYTES, MAX_PARENT_DEPTH, PagemapEntry};
+
+/// What a file found where an image file should be is, when it is not a regular file.
+///
+/// ```
+/// use page_pipe::image::FileKind;
+/// assert_eq!(FileKind::Fifo.to_string(), "a FIFO");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FileKind {
+    /// A directory.
+    Directory,
+    /// A named pipe: reading it would wait for a writer.
+    Fifo,
+    /// A character device, such as `/dev/zero`.
+    CharDevice,
+    /// A block device.
+    BlockDevice,
+    /// A Unix socket.
+    Socket,
+    /// A symbolic link.
+    Symlink,
+    /// Something else.
+    Other,
+}
+
+impl FileKind {
+    /// The kind of a file of type `t` (as `lstat` or `fstat` tells it).
+    pub(crate) fn of(t: std::fs::FileType) -> Self {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_dir() {
+            FileKind::Directory
+        } else if t.is_fifo() {
+            FileKind::Fifo
+        } else if t.is_char_device() {
+            FileKind::CharDevice
+        } else if t.is_block_device() {
+            FileKind::BlockDevice
+        } else if t.is_socket() {
+            FileKind::Socket
+        } else if t.is_symlink() {
+            FileKind::Symlink
+        } else {
+            FileKind::Other
+        }
+    }
+}
+
+impl fmt::Display for FileKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileKind::Directory => "a directory",
+            FileKind::Fifo => "a FIFO",
+            FileKind::CharDevice => "a character device",
+            FileKind::BlockDevice => "a block device",
+            FileKind::Socket => "a socket",
+            FileKind::Symlink => "a symbolic link",
+            FileKind::Other => "not a regular file",
+        })
+    }
+}
+
+/// What went wrong with an image, and in which file.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ImageError {
+    /// A file could not be opened, read, written or made.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        error: io::Error,
+    },
+    /// The pagemap image is malformed.
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and where.
+        at: FormatAt,
+    },
+    /// The directory holds no `pagemap-*.img`, or several when no id was given.
+    NoPagemap {
+        /// The directory.
+        dir: PathBuf,
+        /// How many pagemap images it holds.
+        found: usize,
+    },
+    /// An image file is a symbolic link. Image files are never followed through links
+    /// (only the directory link `parent` is).
+    Symlink {
+        /// The link.
+        path: PathBuf,
+    },
+    /// An image file is not a regular file (a FIFO, a device, a socket, a directory).
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        kind: FileKind,
+    },
+    /// The pagemap image is larger than [`MAX_PAGEMAP_BYTES`]; it is not read.
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The pages file does not hold exactly the pages the entries need.
+    PagesSize {
+        /// The pages file.
+        path: PathBuf,
+        /// Bytes the present entries need.
+        needed: u64,
+        /// Bytes the file holds.
+        actual: u64,
+    },
+    /// A file ended before a byte that was there when it was opened: it was truncated
+    /// while open.
+    ShortRead {
+        /// The file.
+        path: PathBuf,
+        /// The byte offset where it ended.
+        offset: u64,
+    },
+    /// An entry's pages are in the parent, and there is no parent.
+    MissingParent {
+        /// The pagemap image.
+        path: PathBuf,
+        /// The first `PARENT` entry.
+        entry: PagemapEntry,
+        /// What was wrong with the parent link, if there is one.
+        link: Option<io::Error>,
+    },
+    /// The parent chain comes back to a directory it passed, or is deeper than
+    /// [`MAX_PARENT_DEPTH`].
+    ParentLoop {
+        /// The directory met again (or the deepest one).
+        dir: PathBuf,
+    },
+    /// A `PARENT` page is in no entry of the parent.
+    NotInParent {
+        /// The parent's pagemap image.
+        path: PathBuf,
+        /// The page.
+        vaddr: u64,
+    },
+    /// A strict restore ([`RestoreOptions::strict`](super::RestoreOptions::strict)) met
+    /// a page the image chain does not hold: in no entry, or in a `LAZY` entry without
+    /// `PRESENT` (only a lazy-pages server has it).
+    NotInImage {
+        /// The pagemap image that lacks it.
+        path: PathBuf,
+        /// The first such page.
+        vaddr: u64,
+        /// Whether the page is in a lazy entry (else in no entry).
+        lazy: bool,
+    },
+    /// Entries must be added in ascending, non-overlapping, aligned order.
+    Order {
+        /// The pagemap image being written.
+        path: PathBuf,
+        /// The entry refused.
+        entry: PagemapEntry,
+    },
+    /// A read asked for a range that is not page-aligned or passes the end of the
+    /// address space.
+    BadRange {
+        /// The address.
+        vaddr: u64,
+        /// The length in bytes.
+        len: u64,
+    },
+}
+
+impl fmt::Display for ImageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageError::Io { path, op, error } => {
+                write!(f, "{}: cannot {op}: {error}", path.display())
+            }
+            ImageError::Format { path, at } => write!(f, "{}: {at}", path.display()),
+            ImageError::NoPagemap { dir, found } => write!(
+                f,
+                "{}: expected one pagemap-*.img, found {found}",
+                dir.display()
+            ),
+            ImageError::Symlink { path } => write!(
+                f,
+                "{}: is a symbolic link; image files are not followed through links",
+                path.display()
+            ),
+            ImageError::NotRegular { path, kind } => write!(
+                f,
+                "{}: is {kind}, not a regular file; image files must be regular files",
+                path.display()
+            ),
+            ImageError::TooLarge { path, size } => write!(
+                f,
+                "{}: {size} bytes is more than the {MAX_PAGEMAP_BYTES} a pagemap image may hold",
+                path.display()
+            ),
+            ImageError::PagesSize {
+                path,
+                needed,
+                actual,
+            } => write!(
+                f,
+                "{}: holds {actual} bytes, the entries need {needed}",
+                path.display()
+            ),
+            ImageError::ShortRead { path, offset } => write!(
+                f,
+                "{}: ends at byte {offset}, before the pages the entries need (was it truncated while open?)",
+                path.display()
+            ),
+            ImageError::MissingParent { path, entry, link } => {
+                write!(
+                    f,
+                    "{}: entry {entry} is in the parent, but there is no parent",
+                    path.display()
+                )?;
+                match link {
+                    Some(e) => write!(f, " (parent link: {e})"),
+                    None => f.write_str(" (no parent link)"),
+                }
+            }
+            ImageError::ParentLoop { dir } => write!(
+                f,
+                "{}: the parent chain loops or is deeper than {MAX_PARENT_DEPTH}",
+                dir.display()
+            ),
+            ImageError::NotInParent { path, vaddr } => write!(
+                f,
+                "{}: page {vaddr:#x} is marked in the parent, but the parent has no entry for it",
+                path.display()
+            ),
+            ImageError::NotInImage { path, vaddr, lazy } => {
+                let why = if *lazy {
+                    "is lazy (only a lazy-pages server holds it)"
+                } else {
+                    "is in no entry"
+                };
+                write!(
+                    f,
+                    "{}: page {vaddr:#x} {why}, and the restore is strict",
+                    path.display()
+                )
+            }
+            ImageError::Order { path, entry } => write!(
+                f,
+                "{}: entry {entry} is out of order, overlapping, unaligned or the wrong size",
+                path.display()
+            ),
+            ImageError::BadRange { vaddr, len } => write!(
+                f,
+                "range of {len} bytes at {vaddr:#x} is not whole pages in the address space"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ImageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ImageError::Io { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Wraps an I/O error with the file and what was being done.
+pub(crate) fn io_err<'a>(
+    path: &'a Path,
+    op: &'static str,
+) -> impl FnOnce(io::Error) -> ImageError + 'a {
+    move |error| ImageError::Io {
+        path: path.to_path_buf(),
+        op,
+        error,
+    }
+}
