@@ -13,6 +13,8 @@ use page_pipe::{
 };
 use page_pipe_tests::{TempDir, alone, assert_restores, crit, fixtures, open_fds, patterned};
 
+mod whole;
+
 fn ps() -> usize {
     page_pipe_sys::page_size().get()
 }

@@ -277,6 +277,77 @@ impl std::error::Error for ImageError {
     }
 }
 
+impl ImageError {
+    /// The same error again: `io::Error` is not `Clone`, so an I/O error is rebuilt from
+    /// its errno (or its kind and message), which keeps what callers match on.
+    pub(crate) fn duplicate(&self) -> ImageError {
+        let io = |e: &io::Error| match e.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(e.kind(), e.to_string()),
+        };
+        match self {
+            ImageError::Io { path, op, error } => ImageError::Io {
+                path: path.clone(),
+                op,
+                error: io(error),
+            },
+            ImageError::Format { path, at } => ImageError::Format {
+                path: path.clone(),
+                at: at.clone(),
+            },
+            ImageError::NoPagemap { dir, found } => ImageError::NoPagemap {
+                dir: dir.clone(),
+                found: *found,
+            },
+            ImageError::Symlink { path } => ImageError::Symlink { path: path.clone() },
+            ImageError::NotRegular { path, kind } => ImageError::NotRegular {
+                path: path.clone(),
+                kind: *kind,
+            },
+            ImageError::TooLarge { path, size } => ImageError::TooLarge {
+                path: path.clone(),
+                size: *size,
+            },
+            ImageError::PagesSize {
+                path,
+                needed,
+                actual,
+            } => ImageError::PagesSize {
+                path: path.clone(),
+                needed: *needed,
+                actual: *actual,
+            },
+            ImageError::ShortRead { path, offset } => ImageError::ShortRead {
+                path: path.clone(),
+                offset: *offset,
+            },
+            ImageError::MissingParent { path, entry, link } => ImageError::MissingParent {
+                path: path.clone(),
+                entry: *entry,
+                link: link.as_ref().map(io),
+            },
+            ImageError::ParentLoop { dir } => ImageError::ParentLoop { dir: dir.clone() },
+            ImageError::NotInParent { path, vaddr } => ImageError::NotInParent {
+                path: path.clone(),
+                vaddr: *vaddr,
+            },
+            ImageError::NotInImage { path, vaddr, lazy } => ImageError::NotInImage {
+                path: path.clone(),
+                vaddr: *vaddr,
+                lazy: *lazy,
+            },
+            ImageError::Order { path, entry } => ImageError::Order {
+                path: path.clone(),
+                entry: *entry,
+            },
+            ImageError::BadRange { vaddr, len } => ImageError::BadRange {
+                vaddr: *vaddr,
+                len: *len,
+            },
+        }
+    }
+}
+
 /// Wraps an I/O error with the file and what was being done.
 pub(crate) fn io_err<'a>(
     path: &'a Path,
@@ -286,5 +357,35 @@ pub(crate) fn io_err<'a>(
         path: path.to_path_buf(),
         op,
         error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_duplicate_keeps_the_errno_and_the_message() {
+        let e = ImageError::Io {
+            path: "d/pages-1.img".into(),
+            op: "write pages",
+            error: io::Error::from_raw_os_error(28),
+        };
+        let d = e.duplicate();
+        assert_eq!(d.to_string(), e.to_string());
+        let ImageError::Io { error, .. } = d else {
+            panic!("{d}")
+        };
+        assert_eq!(error.raw_os_error(), Some(28));
+        let e = ImageError::Io {
+            path: "d/pages-1.img".into(),
+            op: "write pages",
+            error: io::Error::new(io::ErrorKind::UnexpectedEof, "the pipe held 3 bytes"),
+        };
+        let d = e.duplicate();
+        assert_eq!(d.to_string(), e.to_string());
+        assert!(
+            matches!(&d, ImageError::Io { error, .. } if error.kind() == io::ErrorKind::UnexpectedEof)
+        );
     }
 }

@@ -4,7 +4,8 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::OFlags;
 
@@ -13,6 +14,11 @@ use super::error::{FileKind, ImageError, io_err};
 /// The most bytes one `pread`/`pwrite` moves on Linux (`MAX_RW_COUNT`, `INT_MAX` rounded
 /// down to a page); larger requests come back short.
 pub(crate) const MAX_IO: usize = 0x7fff_f000;
+
+/// Mode of the files an [`ImageWriter`](super::ImageWriter) creates: the owner's only.
+pub(crate) const FILE_MODE: u32 = 0o600;
+/// Mode of the directories an [`ImageWriter`](super::ImageWriter) makes.
+pub(crate) const DIR_MODE: u32 = 0o700;
 
 /// Opens `path` for reading as an image file: `O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC`, so a
 /// symlink fails and a FIFO opens without waiting, then `fstat` and accept only a regular
@@ -115,4 +121,70 @@ pub(crate) fn write_all_at(file: &File, mut buf: &[u8], mut off: u64) -> io::Res
         }
     }
     Ok(())
+}
+
+/// A name in `dir` for a temporary file standing in for `name` until the commit:
+/// `.<name>.<pid>.<n>.tmp`, unique in this process.
+pub(crate) fn temp_name(dir: &Path, name: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+/// How many fresh names [`create_temp`] tries when one is taken.
+const TEMP_TRIES: usize = 16;
+
+/// Creates a temporary file for `name` in `dir`: `O_CREAT | O_EXCL | O_NOFOLLOW |
+/// O_CLOEXEC`, mode [`FILE_MODE`], so it is always a new file of ours, never a file or
+/// link that was there. Returns the file and its path.
+pub(crate) fn create_temp(dir: &Path, name: &str) -> Result<(File, PathBuf), ImageError> {
+    let mut tries = 0;
+    loop {
+        let path = temp_name(dir, name);
+        let r = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .custom_flags(OFlags::NOFOLLOW.bits() as i32)
+            .open(&path);
+        match r {
+            Ok(f) => return Ok((f, path)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < TEMP_TRIES => {
+                tries += 1;
+            }
+            Err(e) => return Err(io_err(&path, "create")(e)),
+        }
+    }
+}
+
+/// Makes a symbolic link `target` under a temporary name for `name` in `dir`. Returns
+/// its path.
+pub(crate) fn link_temp(dir: &Path, name: &str, target: &Path) -> Result<PathBuf, ImageError> {
+    let mut tries = 0;
+    loop {
+        let path = temp_name(dir, name);
+        match std::os::unix::fs::symlink(target, &path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < TEMP_TRIES => {
+                tries += 1;
+            }
+            Err(e) => return Err(io_err(&path, "make the link")(e)),
+        }
+    }
+}
+
+/// Removes `path`; a missing file is fine.
+pub(crate) fn remove_if_there(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// `fsync` of the directory `dir`, so that names made or changed in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), ImageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir, "sync the directory"))
 }

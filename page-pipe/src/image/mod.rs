@@ -11,15 +11,27 @@
 //!
 //! # Rules
 //!
+//! Images are memory, so they are kept private and whole:
+//!
 //! - Entries are page-aligned, non-empty, ascending and do not overlap; their flags are
 //!   `PRESENT`, `LAZY`, `LAZY | PRESENT` or `PARENT`. The pages file holds exactly the
 //!   present pages of the entries.
+//! - [`ImageWriter`] creates its files with mode 0600 and the directories it makes with
+//!   mode 0700 (the umask may only take bits away). It writes under temporary names it
+//!   creates itself (`O_CREAT | O_EXCL | O_NOFOLLOW`), so it never follows or writes
+//!   through a file or symlink planted at an image's name.
+//! - The commit is atomic: the pagemap appears under its name only when
+//!   [`ImageWriter::finish`] succeeds, after the pages file and the `parent` link are in
+//!   place, and by default after the data and the directory were synced
+//!   ([`ImageWriter::with_sync`] turns syncing off). A full image removes an old `parent`
+//!   link; an incremental one replaces it. A writer that met an error refuses to finish
+//!   with that first error, and commits nothing; a writer dropped without `finish`
+//!   removes its temporary files.
 //! - It writes each entry's page count in both `compat_nr_pages` (field 2, which older
 //!   CRIU and `crit` read) and `nr_pages` (field 5, which CRIU 4.x reads), splitting
 //!   entries of more than `u32::MAX` pages. By default it joins contiguous entries with
 //!   equal flags, so a capture made in chunks writes the same image as one made in one
-//!   pass. A pages write that fails is cut back, so the files on disk always hold a
-//!   valid prefix: every entry written can be read back with its pages.
+//!   pass ([`ImageWriter::with_joining`] turns it off, as CRIU's page server writes).
 //! - [`Image::open`] opens image files with `O_NOFOLLOW | O_NONBLOCK` and accepts regular
 //!   files only: a symlink, FIFO, device, socket or directory at an image's name is an
 //!   error ([`ImageError::Symlink`], [`ImageError::NotRegular`]), at once. It reads the
