@@ -13,6 +13,7 @@ use page_pipe::{
 };
 use page_pipe_tests::{TempDir, alone, assert_restores, crit, fixtures, open_fds, patterned};
 
+mod restore_chains;
 mod whole;
 
 fn ps() -> usize {
