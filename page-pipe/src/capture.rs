@@ -20,8 +20,8 @@
 //!   stay in their pipe (which no transferred buf shares) to be served on demand. A hole
 //!   with `PARENT` is a `PARENT` entry; a hole without flags is left out. Pages of
 //!   released bufs that still sit in a shared pipe are discarded on the way.
-//! - A dump runs once. When a sink fails part way, [`DumpError`] says what was done; the
-//!   image sinks keep what they wrote readable.
+//! - A dump runs once. When a sink fails part way, [`DumpError`] says what was done; an
+//!   image sink that failed refuses to finish and commits nothing.
 
 use std::fmt;
 use std::fs::File;
