@@ -68,6 +68,21 @@ impl fmt::Display for FileKind {
 }
 
 /// What went wrong with an image, and in which file.
+///
+/// ```
+/// use page_pipe::image::{FileKind, Image, ImageError};
+/// let dir = std::env::temp_dir().join(format!("pp-doc-error-{}", std::process::id()));
+/// // A directory where the pagemap image should be: refused, not read.
+/// std::fs::create_dir_all(dir.join("pagemap-1.img"))?;
+/// match Image::open(&dir) {
+///     Err(ImageError::NotRegular { path, kind: FileKind::Directory }) => {
+///         assert!(path.ends_with("pagemap-1.img"))
+///     }
+///     other => panic!("{other:?}"),
+/// }
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ImageError {

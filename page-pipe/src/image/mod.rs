@@ -32,13 +32,13 @@
 //!   entries of more than `u32::MAX` pages. By default it joins contiguous entries with
 //!   equal flags, so a capture made in chunks writes the same image as one made in one
 //!   pass ([`ImageWriter::with_joining`] turns it off, as CRIU's page server writes).
-//! - [`Image::open`] opens image files with `O_NOFOLLOW | O_NONBLOCK` and accepts regular
-//!   files only: a symlink, FIFO, device, socket or directory at an image's name is an
-//!   error ([`ImageError::Symlink`], [`ImageError::NotRegular`]), at once. It reads the
-//!   pagemap by its size, at most [`MAX_PAGEMAP_BYTES`], and checks all of the rules
-//!   above. The only link it follows is `parent` (a directory, as CRIU makes it), along
-//!   a chain of at most [`MAX_PARENT_DEPTH`] images that must not loop; a `PARENT` entry
-//!   needs a parent.
+//! - [`Image::open`] opens image files with `O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC` and
+//!   accepts regular files only: a symlink, FIFO, device, socket or directory at an
+//!   image's name is an error ([`ImageError::Symlink`], [`ImageError::NotRegular`]), at
+//!   once. It reads the pagemap by its size, at most [`MAX_PAGEMAP_BYTES`], and checks
+//!   all of the rules above. The only link it follows is `parent` (a directory, as CRIU
+//!   makes it), along a chain of at most [`MAX_PARENT_DEPTH`] images that must not loop;
+//!   a `PARENT` entry needs a parent.
 //! - Pages are read with positional reads from the files the [`Image`] keeps open, never
 //!   mapped: a file truncated or rewritten by someone else while open gives
 //!   [`ImageError::ShortRead`] or the new bytes, never undefined behaviour.
