@@ -55,7 +55,7 @@ pub struct ReadReport {
     pub zero: u64,
     /// Pages only a lazy-pages server has, filled with zeros.
     pub lazy: u64,
-    /// Threads that read (1: the calling thread alone).
+    /// Threads that read (1: the calling thread alone; 0: there was nothing to read).
     pub threads: usize,
 }
 
