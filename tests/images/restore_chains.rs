@@ -8,7 +8,7 @@ use page_pipe::image::{
     Image, ImageError, ImageWriter, MIN_BYTES_PER_THREAD, Page, PageFlags, PagemapEntry,
     ReadReport, RestoreOptions,
 };
-use page_pipe_tests::{TempDir, patterned};
+use page_pipe_tests::{TempDir, Unprivileged, patterned, unprivileged};
 use proptest::prelude::*;
 
 use super::{BASE, ps};
@@ -292,4 +292,47 @@ fn a_large_restore_shares_the_work_between_threads() {
     // A small read stays on the calling thread.
     let r = img.read(BASE, &mut back[..MIN_BYTES_PER_THREAD]).unwrap();
     assert_eq!(r.threads, 1);
+}
+
+/// With no thread to be had (user nobody at `RLIMIT_NPROC`), a restore asked for four
+/// threads runs on the calling thread, with the right bytes, instead of failing.
+#[test]
+fn a_restore_without_threads_to_spare_runs_on_the_calling_thread() {
+    let name = "restore_chains::a_restore_without_threads_to_spare_runs_on_the_calling_thread";
+    if unprivileged(name) != Unprivileged::RunBody {
+        return;
+    }
+    let mem = patterned(64, 52);
+    let dir = TempDir::new("nproc");
+    let mut w = ImageWriter::create(dir.path(), 1).unwrap().with_sync(false);
+    let e = PagemapEntry {
+        vaddr: BASE,
+        pages: 64,
+        flags: PageFlags::PRESENT,
+    };
+    w.push_bytes(e, &mem).unwrap();
+    w.finish().unwrap();
+    let img = Image::open(dir.path()).unwrap();
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let old = getrlimit(Resource::Nproc);
+    setrlimit(
+        Resource::Nproc,
+        Rlimit {
+            current: Some(1),
+            maximum: old.maximum,
+        },
+    )
+    .unwrap();
+    assert!(
+        std::thread::Builder::new().spawn(|| {}).is_err(),
+        "a thread could still be started"
+    );
+    let mut back = vec![0u8; mem.len()];
+    let opts = RestoreOptions {
+        threads: NonZeroUsize::new(4),
+        ..RestoreOptions::default()
+    };
+    let r = img.restore(BASE, &mut back, &opts).unwrap();
+    assert_eq!(r.threads, 1);
+    assert!(back == mem[..]);
 }
