@@ -19,7 +19,8 @@
 //!   the reader has read. A regular file copies what it is given into its page cache, a
 //!   [`CallbackSink`] gets the bytes, an [`ImageWriter`] writes files.
 //! - A dump runs once. When a sink fails part way, [`DumpError`] says what was done; the
-//!   pipe it was reading from is then lost: its pages are not served again.
+//!   pipe it was reading from is then lost: its pages are not served again. An image sink
+//!   that failed refuses to finish and commits nothing.
 //!
 //! [`Drain::Memory`]: crate::snapshot::Drain::Memory
 

@@ -501,15 +501,6 @@ impl<'s> Iovs<'s> {
     }
 }
 
-/// Maps `file` read-only, for reading an image's pages file. (Interim: the image reader
-/// moves to positional reads.)
-pub(crate) fn map_readonly(file: &std::fs::File) -> std::io::Result<Mmap> {
-    // SAFETY:
-    // - the file must not change or shrink while mapped: `Image` documents that others
-    //   must not change its files while it is open.
-    unsafe { Mmap::map(file) }
-}
-
 /// The iovecs of `pieces` after their first `skip` bytes.
 fn after(pieces: &[Piece], mut skip: usize) -> Vec<RawIov> {
     let mut out = Vec::with_capacity(pieces.len());

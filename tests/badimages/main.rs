@@ -1,14 +1,18 @@
 //! Bad images, as a table: each case breaks a valid image one way, and both the library
-//! and the `snapshot inspect`/`extract` commands must answer with an error naming the
-//! file (and the entry, where there is one), never a panic, with memory bounded by the
-//! input.
+//! and the `snapshot inspect`/`extract` commands must answer within a second with an
+//! error naming the file (and the entry, where there is one), never a panic or a hang,
+//! with memory bounded by the input. Special files (FIFOs, devices, sockets,
+//! directories) and symbolic links where image files belong are among the ways.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use page_pipe::image::{FormatError, Image, ImageError, PageFlags, Pagemap, PagemapEntry};
+use page_pipe::image::{
+    FileKind, FormatError, Image, ImageError, MAX_PAGEMAP_BYTES, PageFlags, Pagemap, PagemapEntry,
+};
 use page_pipe_tests::{TempDir, snapshot_demo};
 
 /// Counts the bytes allocated and the peak, to bound what decoding allocates.
@@ -105,6 +109,74 @@ fn raw_pagemap(entries: &[Vec<u8>]) -> Vec<u8> {
 }
 
 type Check = fn(&ImageError) -> bool;
+
+/// Makes a FIFO at `path`, replacing what is there.
+fn fifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+}
+
+/// Replaces `path` with a symbolic link to `target`.
+fn link(path: &Path, target: &Path) {
+    let _ = std::fs::remove_file(path);
+    std::os::unix::fs::symlink(target, path).unwrap();
+}
+
+/// Moves the file at `path` aside (`<path>.real`) and links `path` to it: the bytes are
+/// good, only the link is wrong.
+fn link_aside(path: &Path) {
+    let real = path.with_extension("img.real");
+    std::fs::rename(path, &real).unwrap();
+    std::os::unix::fs::symlink(&real, path).unwrap();
+}
+
+fn not_regular(e: &ImageError, want: FileKind) -> bool {
+    matches!(e, ImageError::NotRegular { kind, .. } if *kind == want)
+}
+
+/// How long an open or a command may take on a bad image: no read waits or runs away.
+const QUICK: Duration = Duration::from_secs(1);
+
+/// Runs `f` on a thread of its own, giving up after 10 seconds (a hang fails the test
+/// instead of hanging it); returns its result and how long it took.
+fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> (T, Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(v) => (v, start.elapsed()),
+        Err(_) => panic!("{what}: no answer in 10 s"),
+    }
+}
+
+/// Runs `cmd`, killing it after 10 seconds; returns its output and how long it took.
+fn run_bounded(cmd: &mut Command) -> (Output, Duration) {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?}: no answer in 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = start.elapsed();
+    (child.wait_with_output().unwrap(), elapsed)
+}
 
 fn format_error(err: &ImageError) -> Option<(&FormatError, Option<usize>)> {
     match err {
@@ -330,6 +402,94 @@ fn cases() -> Vec<Case> {
             file: "",
             check: |e| matches!(e, ImageError::ParentLoop { .. }),
         },
+        Case {
+            name: "a pagemap that is a FIFO",
+            breaks: |d| fifo(&d.join("pagemap-1.img")),
+            file: "pagemap-1.img",
+            check: |e| not_regular(e, FileKind::Fifo),
+        },
+        Case {
+            name: "a pagemap that is a link to /dev/zero",
+            breaks: |d| link(&d.join("pagemap-1.img"), Path::new("/dev/zero")),
+            file: "pagemap-1.img",
+            check: |e| matches!(e, ImageError::Symlink { .. }),
+        },
+        Case {
+            name: "a pagemap that is a link to a good pagemap",
+            breaks: |d| link_aside(&d.join("pagemap-1.img")),
+            file: "pagemap-1.img",
+            check: |e| matches!(e, ImageError::Symlink { .. }),
+        },
+        Case {
+            name: "a pagemap that is a directory",
+            breaks: |d| {
+                std::fs::remove_file(d.join("pagemap-1.img")).unwrap();
+                std::fs::create_dir(d.join("pagemap-1.img")).unwrap();
+            },
+            file: "pagemap-1.img",
+            check: |e| not_regular(e, FileKind::Directory),
+        },
+        Case {
+            name: "a pagemap that is a socket",
+            breaks: |d| {
+                std::fs::remove_file(d.join("pagemap-1.img")).unwrap();
+                drop(std::os::unix::net::UnixListener::bind(d.join("pagemap-1.img")).unwrap());
+            },
+            file: "pagemap-1.img",
+            check: |e| not_regular(e, FileKind::Socket),
+        },
+        Case {
+            name: "a sparse 16 GiB pagemap",
+            breaks: |d| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("pagemap-1.img"))
+                    .unwrap();
+                f.set_len(16 << 30).unwrap();
+            },
+            file: "pagemap-1.img",
+            check: |e| matches!(e, ImageError::TooLarge { size, .. } if *size == 16 << 30),
+        },
+        Case {
+            name: "a pagemap one byte over the cap",
+            breaks: |d| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("pagemap-1.img"))
+                    .unwrap();
+                f.set_len(MAX_PAGEMAP_BYTES + 1).unwrap();
+            },
+            file: "pagemap-1.img",
+            check: |e| matches!(e, ImageError::TooLarge { .. }),
+        },
+        Case {
+            name: "a pages file that is a link to a good pages file",
+            breaks: |d| link_aside(&d.join("pages-1.img")),
+            file: "pages-1.img",
+            check: |e| matches!(e, ImageError::Symlink { .. }),
+        },
+        Case {
+            name: "a pages file that is a link to /dev/zero",
+            breaks: |d| link(&d.join("pages-1.img"), Path::new("/dev/zero")),
+            file: "pages-1.img",
+            check: |e| matches!(e, ImageError::Symlink { .. }),
+        },
+        Case {
+            name: "a pages file that is a FIFO",
+            breaks: |d| fifo(&d.join("pages-1.img")),
+            file: "pages-1.img",
+            check: |e| not_regular(e, FileKind::Fifo),
+        },
+        Case {
+            name: "a parent link to a FIFO",
+            breaks: |d| {
+                write_image(d, 1, vec![e(0x20000, 2, PageFlags::PARENT)]);
+                fifo(&d.join("fifo"));
+                std::os::unix::fs::symlink("fifo", d.join("parent")).unwrap();
+            },
+            file: "pagemap-1.img",
+            check: |e| matches!(e, ImageError::MissingParent { link: Some(_), .. }),
+        },
     ]
 }
 
@@ -339,10 +499,13 @@ fn every_bad_image_is_a_typed_error_naming_the_file() {
         let dir = TempDir::new("bad");
         write_image(dir.path(), 1, good_entries());
         (case.breaks)(dir.path());
-        let err = match Image::open(dir.path()) {
-            Ok(_) => panic!("{}: opened", case.name),
+        let path = dir.path().to_path_buf();
+        let (r, took) = bounded(case.name, move || Image::open(path).map(|_| ()));
+        let err = match r {
+            Ok(()) => panic!("{}: opened", case.name),
             Err(e) => e,
         };
+        assert!(took < QUICK, "{}: took {took:?}", case.name);
         let msg = err.to_string();
         assert!((case.check)(&err), "{}: {err:?}", case.name);
         assert!(msg.contains(case.file), "{}: {msg}", case.name);
@@ -374,8 +537,9 @@ fn the_commands_answer_bad_images_with_one_line() {
                 "/dev/null",
             ],
         ] {
-            let out = Command::new(&demo).args(&args).output().unwrap();
+            let (out, took) = run_bounded(Command::new(&demo).args(&args));
             let err = String::from_utf8_lossy(&out.stderr);
+            assert!(took < QUICK, "{}: {args:?} took {took:?}", case.name);
             assert_eq!(out.status.code(), Some(1), "{}: {args:?}: {err}", case.name);
             assert_eq!(err.lines().count(), 1, "{}: {err}", case.name);
             assert!(err.contains(case.file), "{}: {err}", case.name);

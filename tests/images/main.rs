@@ -13,6 +13,9 @@ use page_pipe::{
 };
 use page_pipe_tests::{TempDir, alone, assert_restores, crit, fixtures, open_fds, patterned};
 
+mod restore_chains;
+mod whole;
+
 fn ps() -> usize {
     page_pipe_sys::page_size().get()
 }

@@ -170,10 +170,13 @@ fn opts(drain: Drain) -> SnapshotOptions {
     }
 }
 
-/// Ours: a whole snapshot into an image directory.
+/// Ours: a whole snapshot into an image directory. Not synced, as the baseline is not
+/// (`ImageWriter::with_sync(false)`): both measure writing into the page cache.
 pub fn dump_image(r: &Region, dir: &Path, drain: Drain) {
     let source = r.source();
-    let mut w = ImageWriter::create(dir, 1).expect("create the image");
+    let mut w = ImageWriter::create(dir, 1)
+        .expect("create the image")
+        .with_sync(false);
     snapshot(&source, r.plan(), &mut w, &opts(drain)).expect("snapshot");
     w.finish().expect("finish");
 }
@@ -250,6 +253,12 @@ pub fn pread(path: &Path, dst: &mut [u8]) {
     for (i, chunk) in dst.chunks_mut(1 << 20).enumerate() {
         f.read_exact_at(chunk, (i << 20) as u64).expect("pread");
     }
+}
+
+/// A fresh anonymous mapping of `bytes`, never touched: its first touch of each page
+/// faults it in, as in a VMM's new guest memory.
+pub fn fresh(bytes: usize) -> MmapMut {
+    MmapOptions::new().len(bytes).map_anon().expect("map")
 }
 
 /// A mapping of `bytes`, touched so that its page faults are out of the way.

@@ -256,7 +256,8 @@ impl Pagemap {
     /// `flags` is `PRESENT`, or `PARENT` if its old `in_parent` field is set, as CRIU
     /// reads it.
     ///
-    /// Memory use is bounded by the input: each entry takes at least six input bytes.
+    /// Memory use is bounded by the input: each entry takes at least eight input bytes
+    /// (a length word, then `vaddr` and `compat_nr_pages`, a key and a byte each).
     ///
     /// ```
     /// use page_pipe::image::{Pagemap, PagemapEntry, PageFlags};

@@ -1,0 +1,502 @@
+//! [`ImageWriter`]: writes an image directory under temporary names and commits it
+//! atomically.
+
+use std::fs::{DirBuilder, File};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use page_pipe_sys::{SpliceFlags, Stopped};
+
+use super::error::{ImageError, io_err};
+use super::files::{DIR_MODE, create_temp, link_temp, remove_if_there, sync_dir, write_all_at};
+use super::format::{MAX_ENTRY_PAGES, encode_entry, encode_head};
+use super::{PageFlags, PagemapEntry, pagemap_name, pages_name};
+
+/// What an [`ImageWriter`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImageSummary {
+    /// Entries written.
+    pub entries: u64,
+    /// Pages in present entries (in the pages file).
+    pub present_pages: u64,
+    /// Pages in `PARENT` entries.
+    pub parent_pages: u64,
+    /// Pages in `LAZY` entries without `PRESENT`.
+    pub lazy_pages: u64,
+    /// Bytes of the pagemap image.
+    pub pagemap_bytes: u64,
+}
+
+/// Writes an image directory: `pagemap-<id>.img` and `pages-<pages_id>.img`, and a
+/// `parent` link for incremental snapshots.
+///
+/// `id` names the pagemap; in CRIU it is the id of the process whose memory the image
+/// holds (its pid at dump time), so one directory can hold the images of several
+/// processes. `pages_id` names the pages file, `pages-<pages_id>.img`, and is written in
+/// the pagemap's head; CRIU numbers pages files from 1 as it dumps (its page server from
+/// 65537), and [`create`](Self::create) takes 1.
+///
+/// Entries go in with [`push`](Self::push) (holes, lazy entries) or with their pages
+/// ([`push_from_pipe`](Self::push_from_pipe), [`push_bytes`](Self::push_bytes)); a dump
+/// does this for you. Nothing shows under the image's names until
+/// [`finish`](Self::finish) commits it; a writer dropped without it, or one that failed,
+/// leaves nothing behind. See the [module rules](super) for the files it makes.
+///
+/// ```
+/// use page_pipe::image::{Image, ImageWriter, PageFlags, PagemapEntry};
+/// let dir = std::env::temp_dir().join(format!("pp-doc-writer-{}", std::process::id()));
+/// let mut w = ImageWriter::create(&dir, 1)?;
+/// w.push(PagemapEntry { vaddr: 0x10000, pages: 3, flags: PageFlags::PARENT })?;
+/// w.push(PagemapEntry { vaddr: 0x13000, pages: 1, flags: PageFlags::PARENT })?;
+/// assert!(!dir.join("pagemap-1.img").exists(), "not committed yet");
+/// let summary = w.finish()?;
+/// assert_eq!(summary.entries, 1, "contiguous entries with equal flags are joined");
+/// assert!(dir.join("pagemap-1.img").exists());
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), page_pipe::image::ImageError>(())
+/// ```
+#[derive(Debug)]
+pub struct ImageWriter {
+    dir: PathBuf,
+    id: u64,
+    pages_id: u32,
+    pagemap_path: PathBuf,
+    pages_path: PathBuf,
+    page_size: usize,
+    pagemap: File,
+    pages: File,
+    /// Temporary names not yet renamed into place (removed on drop).
+    pagemap_tmp: Option<PathBuf>,
+    pages_tmp: Option<PathBuf>,
+    parent_tmp: Option<PathBuf>,
+    /// Encoded messages not yet written.
+    buf: Vec<u8>,
+    /// Bytes of the pagemap file written.
+    on_disk: u64,
+    pages_off: u64,
+    /// The first error: the writer takes nothing more and refuses to commit.
+    failed: Option<ImageError>,
+    pending: Option<PagemapEntry>,
+    last_end: Option<u64>,
+    summary: ImageSummary,
+    sync: bool,
+    join: bool,
+}
+
+/// Bytes of encoded entries that make the writer write them out.
+const FLUSH_AT: usize = 64 << 10;
+
+impl ImageWriter {
+    /// Starts an image `pagemap-<id>.img` with pages file `pages-1.img` in `dir`, making
+    /// `dir` (mode 0700) if needed. An image already there stays until
+    /// [`finish`](Self::finish) replaces it.
+    ///
+    /// # Errors
+    /// [`ImageError::Io`] naming the directory or file.
+    pub fn create(dir: impl AsRef<Path>, id: u64) -> Result<Self, ImageError> {
+        Self::create_with_pages_id(dir, id, 1)
+    }
+
+    /// As [`create`](Self::create), with pages file `pages-<pages_id>.img`.
+    ///
+    /// # Errors
+    /// [`ImageError::Io`] naming the directory or file.
+    pub fn create_with_pages_id(
+        dir: impl AsRef<Path>,
+        id: u64,
+        pages_id: u32,
+    ) -> Result<Self, ImageError> {
+        let dir = dir.as_ref().to_path_buf();
+        DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&dir)
+            .map_err(io_err(&dir, "make the directory"))?;
+        let pagemap_path = dir.join(pagemap_name(id));
+        let pages_path = dir.join(pages_name(pages_id));
+        let (pagemap, pagemap_tmp) = create_temp(&dir, &pagemap_name(id))?;
+        let (pages, pages_tmp) = match create_temp(&dir, &pages_name(pages_id)) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = remove_if_there(&pagemap_tmp);
+                return Err(e);
+            }
+        };
+        let mut buf = Vec::with_capacity(FLUSH_AT);
+        encode_head(pages_id, &mut buf);
+        Ok(Self {
+            dir,
+            id,
+            pages_id,
+            pagemap_path,
+            pages_path,
+            page_size: page_pipe_sys::page_size().get(),
+            pagemap,
+            pages,
+            pagemap_tmp: Some(pagemap_tmp),
+            pages_tmp: Some(pages_tmp),
+            parent_tmp: None,
+            buf,
+            on_disk: 0,
+            pages_off: 0,
+            failed: None,
+            pending: None,
+            last_end: None,
+            summary: ImageSummary::default(),
+            sync: true,
+            join: true,
+        })
+    }
+
+    /// Makes this image incremental: its `PARENT` entries are found in `parent_dir`. The
+    /// link `parent` (relative when both directories share a parent directory) is made
+    /// under a temporary name now and replaces any `parent` in the directory at
+    /// [`finish`](Self::finish). Without it, `finish` removes an old `parent` link, so a
+    /// full image never inherits one.
+    ///
+    /// # Errors
+    /// [`ImageError::Io`] naming the parent directory or the link.
+    pub fn with_parent(mut self, parent_dir: impl AsRef<Path>) -> Result<Self, ImageError> {
+        let target = parent_dir.as_ref();
+        let canon = target
+            .canonicalize()
+            .map_err(io_err(target, "find the parent directory"))?;
+        let here = self
+            .dir
+            .canonicalize()
+            .map_err(io_err(&self.dir, "find the directory"))?;
+        let rel = match (canon.parent(), here.parent(), canon.file_name()) {
+            (Some(a), Some(b), Some(name)) if a == b => Path::new("..").join(name),
+            _ => canon,
+        };
+        if let Some(old) = self.parent_tmp.take() {
+            remove_if_there(&old).map_err(io_err(&old, "remove"))?;
+        }
+        self.parent_tmp = Some(link_temp(&self.dir, "parent", &rel)?);
+        Ok(self)
+    }
+
+    /// Whether [`finish`](Self::finish) syncs the data before it commits: `fsync` of both
+    /// files before they are renamed into place, and of the directory after. Default:
+    /// on. Off, a crash soon after `finish` may leave an image whose files are
+    /// incomplete; it saves the time of writing the data out (as Firecracker lets its
+    /// users choose).
+    ///
+    /// ```
+    /// # use page_pipe::image::ImageWriter;
+    /// # let dir = std::env::temp_dir().join(format!("pp-doc-sync-{}", std::process::id()));
+    /// let w = ImageWriter::create(&dir, 1)?.with_sync(false);
+    /// w.finish()?;
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), page_pipe::image::ImageError>(())
+    /// ```
+    pub fn with_sync(mut self, sync: bool) -> Self {
+        self.sync = sync;
+        self
+    }
+
+    /// Whether contiguous entries with equal flags are joined into one (default: on, so
+    /// an image made in chunks equals one made in one pass). Off, every push is its own
+    /// entry, as CRIU's page server writes them (one per message).
+    ///
+    /// ```
+    /// # use page_pipe::image::{ImageWriter, PageFlags, PagemapEntry};
+    /// # let dir = std::env::temp_dir().join(format!("pp-doc-join-{}", std::process::id()));
+    /// let mut w = ImageWriter::create(&dir, 1)?.with_joining(false);
+    /// w.push(PagemapEntry { vaddr: 0x10000, pages: 3, flags: PageFlags::PARENT })?;
+    /// w.push(PagemapEntry { vaddr: 0x13000, pages: 1, flags: PageFlags::PARENT })?;
+    /// assert_eq!(w.finish()?.entries, 2);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), page_pipe::image::ImageError>(())
+    /// ```
+    pub fn with_joining(mut self, join: bool) -> Self {
+        self.join = join;
+        self
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The pagemap's id: the image is `pagemap-<id>.img`.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The pages file's id: it is `pages-<pages_id>.img`.
+    pub fn pages_id(&self) -> u32 {
+        self.pages_id
+    }
+
+    /// Where the pagemap image will be once committed.
+    pub fn pagemap_path(&self) -> &Path {
+        &self.pagemap_path
+    }
+
+    /// Where the pages file will be once committed.
+    pub fn pages_path(&self) -> &Path {
+        &self.pages_path
+    }
+
+    /// Remembers the first error, so that later calls and [`finish`](Self::finish)
+    /// return it again, and returns it.
+    fn fail(&mut self, e: ImageError) -> ImageError {
+        if self.failed.is_none() {
+            self.failed = Some(e.duplicate());
+        }
+        e
+    }
+
+    fn check(&mut self, e: &PagemapEntry) -> Result<(), ImageError> {
+        if let Some(f) = &self.failed {
+            return Err(f.duplicate());
+        }
+        let ok = e.pages > 0
+            && e.vaddr % self.page_size as u64 == 0
+            && e.end(self.page_size).is_some()
+            && self.last_end.is_none_or(|l| e.vaddr >= l);
+        if ok {
+            Ok(())
+        } else {
+            let err = ImageError::Order {
+                path: self.pagemap_path.clone(),
+                entry: *e,
+            };
+            Err(self.fail(err))
+        }
+    }
+
+    /// Adds an entry whose pages are not in the pages file: `PARENT`, or `LAZY` without
+    /// `PRESENT`. (A `PRESENT` entry comes with its pages:
+    /// [`push_from_pipe`](Self::push_from_pipe), [`push_bytes`](Self::push_bytes).)
+    ///
+    /// # Errors
+    /// [`ImageError::Order`] for an entry out of order or with `PRESENT`;
+    /// [`ImageError::Io`] if writing the pagemap fails; the first error of an earlier
+    /// call again. Any error makes the writer failed: it refuses to commit.
+    pub fn push(&mut self, e: PagemapEntry) -> Result<(), ImageError> {
+        if e.is_present() && self.failed.is_none() {
+            let err = ImageError::Order {
+                path: self.pagemap_path.clone(),
+                entry: e,
+            };
+            return Err(self.fail(err));
+        }
+        self.check(&e)?;
+        self.record(e)
+    }
+
+    /// Adds a `PRESENT` entry, moving its pages from the front of the pipe `pipe` into
+    /// the pages file with `splice`.
+    ///
+    /// # Errors
+    /// As [`push`](Self::push); [`ImageError::Io`] naming the pages file if the pages
+    /// cannot all be written (`ENOSPC`, `EFBIG`, a pipe that holds too few bytes).
+    pub fn push_from_pipe(
+        &mut self,
+        e: PagemapEntry,
+        pipe: BorrowedFd<'_>,
+    ) -> Result<(), ImageError> {
+        let e = PagemapEntry {
+            flags: e.flags | PageFlags::PRESENT,
+            ..e
+        };
+        self.check(&e)?;
+        let len = (e.pages * self.page_size as u64) as usize;
+        let mut off = self.pages_off;
+        let r = page_pipe_sys::splice_exact(
+            pipe,
+            None,
+            self.pages.as_fd(),
+            Some(&mut off),
+            len,
+            SpliceFlags::empty(),
+        );
+        if let Err(partial) = r {
+            let error = match partial.stopped {
+                Stopped::Errno(e) => io::Error::from(e),
+                Stopped::EndOfData => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the pipe held {} of {len} bytes", partial.done),
+                ),
+            };
+            let err = io_err(&self.pages_path, "write pages")(error);
+            return Err(self.fail(err));
+        }
+        self.pages_off = off;
+        self.record(e)
+    }
+
+    /// Adds a `PRESENT` entry with its pages given as bytes (`e.pages` pages).
+    ///
+    /// # Errors
+    /// As [`push_from_pipe`](Self::push_from_pipe); [`ImageError::Order`] also when
+    /// `bytes` is not `e.pages` pages long.
+    pub fn push_bytes(&mut self, e: PagemapEntry, bytes: &[u8]) -> Result<(), ImageError> {
+        self.push_slices(e, &[bytes])
+    }
+
+    /// Adds a `PRESENT` entry with its pages given as slices that together are `e.pages`
+    /// pages.
+    pub(crate) fn push_slices(
+        &mut self,
+        e: PagemapEntry,
+        bytes: &[&[u8]],
+    ) -> Result<(), ImageError> {
+        let e = PagemapEntry {
+            flags: e.flags | PageFlags::PRESENT,
+            ..e
+        };
+        self.check(&e)?;
+        let total: usize = bytes.iter().map(|b| b.len()).sum();
+        if e.pages.checked_mul(self.page_size as u64) != Some(total as u64) {
+            let err = ImageError::Order {
+                path: self.pagemap_path.clone(),
+                entry: e,
+            };
+            return Err(self.fail(err));
+        }
+        let mut off = self.pages_off;
+        for b in bytes {
+            if let Err(error) = write_all_at(&self.pages, b, off) {
+                let err = io_err(&self.pages_path, "write pages")(error);
+                return Err(self.fail(err));
+            }
+            off += b.len() as u64;
+        }
+        self.pages_off = off;
+        self.record(e)
+    }
+
+    /// Counts `e` and joins it to the pending entry, or encodes the pending entry and
+    /// keeps `e` pending.
+    fn record(&mut self, e: PagemapEntry) -> Result<(), ImageError> {
+        let ps = self.page_size as u64;
+        let end = e.vaddr + e.pages * ps;
+        self.last_end = Some(end);
+        if e.flags.contains(PageFlags::PRESENT) {
+            self.summary.present_pages += e.pages;
+        } else if e.flags.contains(PageFlags::PARENT) {
+            self.summary.parent_pages += e.pages;
+        } else {
+            self.summary.lazy_pages += e.pages;
+        }
+        if let Some(p) = &mut self.pending
+            && self.join
+            && p.flags == e.flags
+            && p.vaddr + p.pages * ps == e.vaddr
+        {
+            p.pages += e.pages;
+            return Ok(());
+        }
+        if let Some(p) = self.pending.replace(e) {
+            self.encode(p);
+            if self.buf.len() >= FLUSH_AT {
+                self.flush_buf()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes `p`, split into entries of at most `u32::MAX` pages.
+    fn encode(&mut self, mut p: PagemapEntry) {
+        let ps = self.page_size as u64;
+        while p.pages > 0 {
+            let part = PagemapEntry {
+                pages: p.pages.min(MAX_ENTRY_PAGES),
+                ..p
+            };
+            encode_entry(&part, &mut self.buf);
+            self.summary.entries += 1;
+            p.pages -= part.pages;
+            p.vaddr += part.pages * ps;
+        }
+    }
+
+    /// Writes the buffered messages to the temporary pagemap.
+    fn flush_buf(&mut self) -> Result<(), ImageError> {
+        match write_all_at(&self.pagemap, &self.buf, self.on_disk) {
+            Ok(()) => {
+                self.on_disk += self.buf.len() as u64;
+                self.buf.clear();
+                Ok(())
+            }
+            Err(error) => {
+                let err = io_err(&self.pagemap_path, "write the pagemap")(error);
+                Err(self.fail(err))
+            }
+        }
+    }
+
+    /// Writes what is pending and commits the image: syncs the files (unless
+    /// [`with_sync(false)`](Self::with_sync)), renames the pages file into place, puts
+    /// the `parent` link in place (or removes an old one), and renames the pagemap into
+    /// place last. An old pagemap of the same name is removed first, so the directory
+    /// never pairs an old pagemap with new pages. Returns what the image holds.
+    ///
+    /// # Errors
+    /// The first error the writer met, again (kind, errno and message), if one failed:
+    /// then nothing is committed. [`ImageError::Io`] naming the file when writing,
+    /// syncing or renaming fails; the pagemap is then not in place.
+    pub fn finish(mut self) -> Result<ImageSummary, ImageError> {
+        if let Some(f) = &self.failed {
+            return Err(f.duplicate());
+        }
+        if let Some(p) = self.pending.take() {
+            self.encode(p);
+        }
+        self.flush_buf()?;
+        if self.sync {
+            self.pages
+                .sync_all()
+                .map_err(io_err(&self.pages_path, "sync"))?;
+            self.pagemap
+                .sync_all()
+                .map_err(io_err(&self.pagemap_path, "sync"))?;
+        }
+        remove_if_there(&self.pagemap_path)
+            .map_err(io_err(&self.pagemap_path, "remove the old pagemap"))?;
+        let tmp = self.pages_tmp.as_ref().expect("renamed only here");
+        std::fs::rename(tmp, &self.pages_path).map_err(io_err(&self.pages_path, "commit"))?;
+        self.pages_tmp = None;
+        let link = self.dir.join("parent");
+        match &self.parent_tmp {
+            Some(tmp) => {
+                std::fs::rename(tmp, &link).map_err(io_err(&link, "commit"))?;
+                self.parent_tmp = None;
+            }
+            None => remove_if_there(&link).map_err(io_err(&link, "remove the old link"))?,
+        }
+        if self.sync {
+            sync_dir(&self.dir)?;
+        }
+        let tmp = self.pagemap_tmp.as_ref().expect("renamed only here");
+        std::fs::rename(tmp, &self.pagemap_path).map_err(io_err(&self.pagemap_path, "commit"))?;
+        self.pagemap_tmp = None;
+        if self.sync {
+            sync_dir(&self.dir)?;
+        }
+        self.summary.pagemap_bytes = self.on_disk;
+        Ok(self.summary)
+    }
+
+    /// What has been written so far (entries still pending are not counted).
+    pub fn summary(&self) -> ImageSummary {
+        self.summary
+    }
+}
+
+impl Drop for ImageWriter {
+    /// Removes the temporary files of an image that was not committed.
+    fn drop(&mut self) {
+        for tmp in [&self.pagemap_tmp, &self.pages_tmp, &self.parent_tmp]
+            .into_iter()
+            .flatten()
+        {
+            let _ = remove_if_there(tmp);
+        }
+    }
+}
