@@ -57,6 +57,7 @@
 #![deny(missing_docs, missing_debug_implementations)]
 #![deny(unsafe_code)]
 
+mod addr;
 mod backend;
 pub mod builder;
 pub mod capture;
@@ -73,6 +74,7 @@ pub mod source;
 pub mod testing;
 mod types;
 
+pub use addr::{PageRange, RangeError};
 pub use backend::{KernelPipes, PipeBackend, PipePool};
 pub use builder::{BuildError, Builder};
 pub use capture::{CaptureError, CaptureMode, CapturePath, CaptureReport, Captured};

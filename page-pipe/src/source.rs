@@ -35,6 +35,8 @@ use std::ptr::NonNull;
 use memmap2::Mmap;
 use page_pipe_sys::{Partial, RawIov, SpliceFlags};
 
+use crate::addr::{PageRange, RangeError};
+
 /// Why a region was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -273,24 +275,23 @@ impl<'m> Source<'m> {
         owner: Owner,
     ) -> Result<Self, SourceError> {
         let ps = self.page_size;
-        if addr % ps as u64 != 0 {
-            return Err(SourceError::UnalignedAddr { addr });
-        }
         if ptr.as_ptr() as usize % ps != 0 {
             return Err(SourceError::UnalignedMemory {
                 addr,
                 ptr: ptr.as_ptr() as usize,
             });
         }
-        if len % ps != 0 {
-            return Err(SourceError::PartialPage { addr, len });
-        }
-        if len == 0 {
+        let range = PageRange::of_bytes(addr, len as u64, ps).map_err(|e| match e {
+            RangeError::Unaligned { addr: a, .. } if a == addr => {
+                SourceError::UnalignedAddr { addr }
+            }
+            RangeError::Unaligned { .. } => SourceError::PartialPage { addr, len },
+            _ => SourceError::Overflow { addr },
+        })?;
+        if range.is_empty() {
             return Err(SourceError::Empty { addr });
         }
-        let Some(end) = addr.checked_add(len as u64) else {
-            return Err(SourceError::Overflow { addr });
-        };
+        let end = range.end();
         let start = ptr.as_ptr() as usize;
         let mem_end = start
             .checked_add(len)
@@ -351,10 +352,10 @@ impl<'m> Source<'m> {
     /// that span adjacent regions), appended to `out`; the first address not covered by
     /// any region when they are not all covered. No reference to the memory is made.
     pub(crate) fn iovs<'s>(&'s self, addr: u64, pages: u64, out: &mut Iovs<'s>) -> Result<(), u64> {
-        let ps = self.page_size as u64;
-        let Some(end) = pages.checked_mul(ps).and_then(|l| addr.checked_add(l)) else {
+        let Ok(range) = PageRange::new(addr, pages, self.page_size) else {
             return Err(addr);
         };
+        let end = range.end();
         let mut at = addr;
         let mut i = self.regions.partition_point(|r| r.addr <= at);
         while at < end {

@@ -123,7 +123,10 @@ fn both_drains_write_identical_images() {
             ..SnapshotOptions::default()
         };
         let report = snapshot(&source, spans.iter().copied(), &mut w, &opts).unwrap();
-        assert!(report.chunks > 1, "{name}: the plan should take several chunks");
+        assert!(
+            report.chunks > 1,
+            "{name}: the plan should take several chunks"
+        );
         w.finish().unwrap();
         files.push((
             std::fs::read(d.join("pagemap-1.img")).unwrap(),

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use crate::addr::{PageRange, RangeError};
 use bitflags::bitflags;
 use prost::Message;
 
@@ -42,9 +43,15 @@ pub struct PagemapEntry {
 impl PagemapEntry {
     /// The address just past the last page, if it does not overflow.
     pub fn end(&self, page_size: usize) -> Option<u64> {
-        self.pages
-            .checked_mul(page_size as u64)
-            .and_then(|len| self.vaddr.checked_add(len))
+        self.range(page_size).ok().map(|r| r.end())
+    }
+
+    /// The pages it covers, checked (aligned, within the address space).
+    ///
+    /// # Errors
+    /// [`RangeError`] for an unaligned address or a range past the end.
+    pub fn range(&self, page_size: usize) -> Result<PageRange, RangeError> {
+        PageRange::new(self.vaddr, self.pages, page_size)
     }
 
     /// Whether its pages are in this image's pages file.
@@ -380,15 +387,16 @@ impl Pagemap {
             if pages == 0 {
                 return Err(fail(FormatError::NoPages));
             }
-            if vaddr % page_size as u64 != 0 {
-                return Err(fail(FormatError::Unaligned));
-            }
+            let end = match PageRange::new(vaddr, pages, page_size) {
+                Ok(r) => r.end(),
+                Err(RangeError::Unaligned { .. }) => return Err(fail(FormatError::Unaligned)),
+                Err(_) => return Err(fail(FormatError::Overflow)),
+            };
             let e = PagemapEntry {
                 vaddr,
                 pages,
                 flags,
             };
-            let end = e.end(page_size).ok_or(fail(FormatError::Overflow))?;
             if let Some(p) = prev_end
                 && e.vaddr < p
             {

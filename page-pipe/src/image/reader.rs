@@ -306,7 +306,7 @@ impl Image {
     /// [`ImageError::NotInParent`] for a `PARENT` page the parent lacks;
     /// [`ImageError::BadRange`] for an unaligned address.
     pub fn page(&self, vaddr: u64) -> Result<Page, ImageError> {
-        if vaddr % self.page_size as u64 != 0 {
+        if crate::addr::PageRange::new(vaddr, 1, self.page_size).is_err() {
             return Err(ImageError::BadRange {
                 vaddr,
                 len: self.page_size as u64,

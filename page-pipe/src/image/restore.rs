@@ -137,11 +137,9 @@ impl RestorePlan {
 
 impl Image {
     fn check_range(&self, vaddr: u64, len: u64) -> Result<(), ImageError> {
-        let ps = self.page_size() as u64;
-        if vaddr % ps != 0 || len % ps != 0 || vaddr.checked_add(len).is_none() {
-            return Err(ImageError::BadRange { vaddr, len });
-        }
-        Ok(())
+        crate::addr::PageRange::of_bytes(vaddr, len, self.page_size())
+            .map(|_| ())
+            .map_err(|_| ImageError::BadRange { vaddr, len })
     }
 
     /// The plan for restoring `len` bytes from `vaddr`: the chain's entries merged into

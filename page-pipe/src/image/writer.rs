@@ -255,8 +255,7 @@ impl ImageWriter {
             return Err(f.duplicate());
         }
         let ok = e.pages > 0
-            && e.vaddr % self.page_size as u64 == 0
-            && e.end(self.page_size).is_some()
+            && e.range(self.page_size).is_ok()
             && self.last_end.is_none_or(|l| e.vaddr >= l);
         if ok {
             Ok(())

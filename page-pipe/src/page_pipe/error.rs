@@ -5,6 +5,7 @@ use std::fmt;
 use page_pipe_sys::Errno;
 
 use super::BufId;
+use crate::addr::RangeError;
 
 /// Why an add did not take all its pages.
 ///
@@ -144,6 +145,15 @@ impl fmt::Display for AddError {
 }
 
 impl std::error::Error for AddError {}
+
+impl From<RangeError> for AddError {
+    fn from(e: RangeError) -> Self {
+        match e {
+            RangeError::Unaligned { addr, page_size } => AddError::Unaligned { addr, page_size },
+            RangeError::Overflow { addr, pages } => AddError::Overflow { addr, pages },
+        }
+    }
+}
 
 /// Why [`release_buf`](crate::PagePipe::release_buf) refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

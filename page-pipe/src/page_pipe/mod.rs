@@ -49,6 +49,7 @@ pub use error::{AddError, UnknownBuf};
 pub use notation::{Entries, Notation, notation};
 use slab::PipeSlab;
 
+use crate::addr::PageRange;
 use crate::backend::{KernelPipes, PipeBackend};
 use crate::mode::{ChunkMode, IovStore, Mode, OwnIovs, PREALLOCATED_RUNS, SinglePass};
 use crate::types::{BufFlags, Hole, HoleFlags, Run};
@@ -438,22 +439,13 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
 
     /// Checks that `pages` pages from `addr` may be added; returns their end.
     fn check_range(&self, addr: u64, pages: u64) -> Result<u64, AddError> {
-        let ps = self.page_size();
-        if addr & (ps as u64 - 1) != 0 {
-            return Err(AddError::Unaligned {
-                addr,
-                page_size: ps,
-            });
-        }
+        let range = PageRange::new(addr, pages, self.page_size()).map_err(AddError::from)?;
         if let Some(min) = self.cursor
             && addr < min
         {
             return Err(AddError::OutOfOrder { addr, min });
         }
-        pages
-            .checked_mul(ps as u64)
-            .and_then(|len| addr.checked_add(len))
-            .ok_or(AddError::Overflow { addr, pages })
+        Ok(range.end())
     }
 
     /// Adds `n` pages from `addr` with buf flags `flags`, following the rules one page at
