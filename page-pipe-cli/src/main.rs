@@ -1,0 +1,419 @@
+//! `page-pipe`: look into, check and take apart memory images that page-pipe (or CRIU)
+//! wrote.
+//!
+//! ```text
+//! page-pipe inspect DIR [--json] [--base ADDR]
+//! page-pipe extract DIR --vaddr ADDR --pages N --out FILE [--strict]
+//! page-pipe verify DIR
+//! ```
+//!
+//! Exit status: 0 when the command did what it was asked; 1 when `verify` found a broken
+//! image; 2 for a usage error or an error that stopped the command. Errors are one line
+//! on stderr. Progress bars are drawn on stderr when it is a terminal, never otherwise.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use page_pipe::image::{Image, ImageError, ReadReport, RestoreOptions, SegmentKind};
+use page_pipe::{PageFlags, PagemapEntry};
+
+const AFTER_HELP: &str =
+    "Exit status: 0 success; 1 verify found a broken image; 2 usage error or failure.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "page-pipe",
+    version,
+    about = "Inspect, extract and verify CRIU-compatible memory images (pagemap-*.img and pages-*.img)",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Show an image's entries in CRIU's debug notation, with totals; or as JSON.
+    ///
+    /// Each entry is PAGE:COUNT, the page number counted from the base in hex, with :P for
+    /// pages in the parent image, :L for lazy pages, :L- for lazy pages not in this image.
+    Inspect {
+        /// The image directory (holding one pagemap-<id>.img).
+        dir: PathBuf,
+        /// Print one JSON object: {"magic": "PAGEMAP", "entries": [...]} with the fields
+        /// `crit decode` uses (the head first, then vaddr, nr_pages, flags per entry),
+        /// and a summary.
+        #[arg(long)]
+        json: bool,
+        /// The address page numbers count from (hex; default: the first entry's).
+        #[arg(long, value_parser = parse_hex)]
+        base: Option<u64>,
+    },
+    /// Write pages of an image (through its parent chain) to a file.
+    Extract {
+        /// The image directory.
+        dir: PathBuf,
+        /// The first page's address (hex, page-aligned).
+        #[arg(long, value_parser = parse_hex)]
+        vaddr: u64,
+        /// How many pages.
+        #[arg(long)]
+        pages: u64,
+        /// The file to write (created or truncated).
+        #[arg(long)]
+        out: PathBuf,
+        /// Refuse pages the image does not hold instead of writing zeros for them.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Check an image chain end to end: every file, every entry, every page read back,
+    /// every page in a parent found there.
+    Verify {
+        /// The image directory.
+        dir: PathBuf,
+    },
+}
+
+/// What stopped a command: the message, and the exit status.
+struct Fail {
+    msg: String,
+    code: u8,
+}
+
+impl Fail {
+    fn error(e: &dyn std::error::Error) -> Self {
+        Self {
+            msg: chain(e),
+            code: 2,
+        }
+    }
+}
+
+impl<E: std::error::Error> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail::error(&e)
+    }
+}
+
+/// An error and its causes, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+fn parse_hex(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Inspect { dir, json, base } => inspect(&dir, json, base),
+        Cmd::Extract {
+            dir,
+            vaddr,
+            pages,
+            out,
+            strict,
+        } => extract(&dir, vaddr, pages, &out, strict),
+        Cmd::Verify { dir } => verify(&dir),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`| head`) is not an error.
+        Err(f) if f.msg.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("page-pipe: {}", f.msg);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// A progress bar on stderr when it is a terminal; hidden otherwise.
+fn bar(total: u64, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(total);
+    b.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} pages ({eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// CRIU's names of entry flags, as `crit decode` prints them.
+fn flag_names(flags: PageFlags) -> String {
+    let names: Vec<&str> = [
+        (PageFlags::PARENT, "PE_PARENT"),
+        (PageFlags::LAZY, "PE_LAZY"),
+        (PageFlags::PRESENT, "PE_PRESENT"),
+    ]
+    .iter()
+    .filter(|(f, _)| flags.contains(*f))
+    .map(|(_, n)| *n)
+    .collect();
+    names.join(" | ")
+}
+
+struct Totals {
+    present: u64,
+    parent: u64,
+    lazy: u64,
+}
+
+fn totals(entries: &[PagemapEntry]) -> Totals {
+    let sum = |f: &dyn Fn(&PagemapEntry) -> bool| -> u64 {
+        entries.iter().filter(|e| f(e)).map(|e| e.pages).sum()
+    };
+    Totals {
+        present: sum(&|e| e.is_present()),
+        parent: sum(&|e| e.flags.contains(PageFlags::PARENT)),
+        lazy: sum(&|e| e.flags == PageFlags::LAZY),
+    }
+}
+
+fn inspect(dir: &Path, json: bool, base: Option<u64>) -> Result<(), Fail> {
+    let img = Image::open(dir)?;
+    let entries = img.entries();
+    let ps = img.page_size();
+    let t = totals(entries);
+    let mut out = std::io::stdout().lock();
+    if json {
+        let mut list = vec![serde_json::json!({ "pages_id": img.pagemap().pages_id })];
+        list.extend(entries.iter().map(|e| {
+            serde_json::json!({
+                "vaddr": format!("{:#x}", e.vaddr),
+                "nr_pages": e.pages,
+                "flags": flag_names(e.flags),
+            })
+        }));
+        let doc = serde_json::json!({
+            "magic": "PAGEMAP",
+            "entries": list,
+            "summary": {
+                "pagemap": img.pagemap_path().display().to_string(),
+                "pages": img.pages_path().display().to_string(),
+                "page_size": ps,
+                "chain": img.depth(),
+                "entries": entries.len(),
+                "present_pages": t.present,
+                "parent_pages": t.parent,
+                "lazy_pages": t.lazy,
+            },
+        });
+        serde_json::to_writer_pretty(&mut out, &doc).map_err(|e| Fail::error(&e))?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let base = base.unwrap_or_else(|| entries.first().map_or(0, |e| e.vaddr));
+    writeln!(
+        out,
+        "{}: {} entries, pages {}, chain of {} image{}",
+        img.pagemap_path().display(),
+        entries.len(),
+        img.pages_path().display(),
+        img.depth(),
+        if img.depth() == 1 { "" } else { "s" }
+    )?;
+    writeln!(out, "page numbers from {base:#x}, pages of {ps} bytes:")?;
+    let text = page_pipe::notation(entries, base, ps).to_string();
+    // Lines of at most about 96 characters, broken after a comma.
+    let mut line = String::new();
+    for item in text.split(',') {
+        if !line.is_empty() && line.len() + item.len() + 1 > 96 {
+            writeln!(out, "{line},")?;
+            line.clear();
+        } else if !line.is_empty() {
+            line.push(',');
+        }
+        line.push_str(item);
+    }
+    if !line.is_empty() {
+        writeln!(out, "{line}")?;
+    }
+    writeln!(
+        out,
+        "totals: {} entries; {} present pages ({}), {} in the parent, {} lazy only",
+        entries.len(),
+        t.present,
+        human(t.present * ps as u64),
+        t.parent,
+        t.lazy,
+    )?;
+    Ok(())
+}
+
+fn extract(dir: &Path, vaddr: u64, pages: u64, out: &Path, strict: bool) -> Result<(), Fail> {
+    let img = Image::open(dir)?;
+    let ps = img.page_size() as u64;
+    let range = page_pipe::PageRange::new(vaddr, pages, ps as usize)?;
+    if range.is_empty() {
+        return Err(Fail {
+            msg: "--pages must be above 0".into(),
+            code: 2,
+        });
+    }
+    let mut file = std::fs::File::create(out).map_err(|e| Fail {
+        msg: format!("{}: {e}", out.display()),
+        code: 2,
+    })?;
+    // Read in pieces, so that a large request needs little memory.
+    let piece = 1024u64;
+    let mut buf = vec![0u8; (piece.min(pages) * ps) as usize];
+    let mut total = ReadReport::default();
+    let opts = RestoreOptions {
+        strict,
+        ..RestoreOptions::default()
+    };
+    let progress = bar(pages, "extract");
+    let mut at = 0;
+    while at < pages {
+        let n = piece.min(pages - at);
+        let chunk = &mut buf[..(n * ps) as usize];
+        let r = img.restore(vaddr + at * ps, chunk, &opts)?;
+        file.write_all(chunk).map_err(|e| Fail {
+            msg: format!("{}: {e}", out.display()),
+            code: 2,
+        })?;
+        total.present += r.present;
+        total.from_parents += r.from_parents;
+        total.zero += r.zero;
+        total.lazy += r.lazy;
+        at += n;
+        progress.set_position(at);
+    }
+    progress.finish_and_clear();
+    println!(
+        "{}: {pages} pages from {vaddr:#x}: {} from this image, {} from parents, {} zero (in no entry), {} lazy (not in the image, written as zeros)",
+        out.display(),
+        total.present,
+        total.from_parents,
+        total.zero,
+        total.lazy
+    );
+    Ok(())
+}
+
+/// A problem `verify` found: exit status 1.
+fn broken(e: &ImageError) -> Fail {
+    Fail {
+        msg: format!("verify: {}", chain(e)),
+        code: 1,
+    }
+}
+
+fn verify(dir: &Path) -> Result<(), Fail> {
+    // Opening checks the chain's structure: formats, entry order, pages file sizes,
+    // parent links and loops.
+    let top = Image::open(dir).map_err(|e| match &e {
+        ImageError::Io { error, .. }
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            Fail::error(&e)
+        }
+        _ => broken(&e),
+    })?;
+    let levels: Vec<&Image> = (0..top.depth()).filter_map(|d| top.ancestor(d)).collect();
+    let ps = top.page_size() as u64;
+    let all_present: u64 = levels.iter().map(|i| totals(i.entries()).present).sum();
+    let progress = bar(all_present, "verify");
+    let mut buf = vec![0u8; (1024 * ps) as usize];
+    let mut checked = 0u64;
+    for img in &levels {
+        let t = totals(img.entries());
+        for e in img.entries() {
+            if e.is_present() {
+                // Read every page of the entry back from this image's own pages file.
+                let mut at = 0;
+                while at < e.pages {
+                    let n = (buf.len() as u64 / ps).min(e.pages - at);
+                    let chunk = &mut buf[..(n * ps) as usize];
+                    let r = img
+                        .restore(e.vaddr + at * ps, chunk, &RestoreOptions::default())
+                        .map_err(|e| broken(&e))?;
+                    if r.present != n {
+                        return Err(Fail {
+                            msg: format!(
+                                "verify: {}: entry {e}: {} of {n} pages came from this image",
+                                img.pagemap_path().display(),
+                                r.present
+                            ),
+                            code: 1,
+                        });
+                    }
+                    at += n;
+                    checked += n;
+                    progress.set_position(checked);
+                }
+            } else if e.flags.contains(PageFlags::PARENT) {
+                // Every page in the parent must be found there (or further up).
+                let plan = img
+                    .plan(e.vaddr, e.pages * ps, &RestoreOptions::default())
+                    .map_err(|e| broken(&e))?;
+                if let Some(s) = plan
+                    .segments
+                    .iter()
+                    .find(|s| !matches!(s.kind, SegmentKind::Pages { depth, .. } if depth > 0))
+                {
+                    return Err(Fail {
+                        msg: format!(
+                            "verify: {}: entry {e}: page {:#x} is not in a parent",
+                            img.pagemap_path().display(),
+                            s.vaddr
+                        ),
+                        code: 1,
+                    });
+                }
+            }
+        }
+        progress.suspend(|| {
+            println!(
+                "{}: {} entries; {} present pages read back, {} in the parent found there, {} lazy only",
+                img.pagemap_path().display(),
+                img.entries().len(),
+                t.present,
+                t.parent,
+                t.lazy
+            )
+        });
+    }
+    progress.finish_and_clear();
+    println!(
+        "verify: ok: a chain of {} image{}, {checked} pages ({}) read back",
+        levels.len(),
+        if levels.len() == 1 { "" } else { "s" },
+        human(checked * ps)
+    );
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The `page-pipe` command end to end: on the real CRIU 4.2 dump committed with the tests,
+//! on broken copies of it, and on bad arguments; exit statuses as documented.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn exe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_page-pipe"))
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/criu-4.2-a")
+}
+
+fn run(args: &[&str]) -> Output {
+    exe().args(args).output().expect("run page-pipe")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A scratch directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("page-pipe-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    /// A copy of the fixture.
+    fn copy_of_fixture(tag: &str) -> Self {
+        let s = Self::new(tag);
+        for f in std::fs::read_dir(fixture()).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), s.0.join(f.file_name())).unwrap();
+        }
+        s
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn inspect_json_is_one_object_with_the_entries_as_crit_names_them() {
+    let out = run(&["inspect", fixture().to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON value");
+    assert_eq!(doc["magic"], "PAGEMAP");
+    let entries = doc["entries"].as_array().expect("an entries array");
+    // The head first, as crit prints it; then one object per pagemap entry.
+    assert_eq!(entries[0]["pages_id"], 1);
+    let img = page_pipe::image::Image::open(fixture()).unwrap();
+    assert_eq!(entries.len(), img.entries().len() + 1);
+    for (j, e) in entries[1..].iter().zip(img.entries()) {
+        assert_eq!(j["vaddr"], format!("{:#x}", e.vaddr));
+        assert_eq!(j["nr_pages"], e.pages);
+        let flags = j["flags"].as_str().unwrap();
+        assert_eq!(flags.contains("PE_PRESENT"), e.is_present(), "{flags}");
+    }
+    let present: u64 = entries[1..]
+        .iter()
+        .filter(|e| e["flags"].as_str().unwrap().contains("PE_PRESENT"))
+        .map(|e| e["nr_pages"].as_u64().unwrap())
+        .sum();
+    assert_eq!(present, doc["summary"]["present_pages"].as_u64().unwrap());
+    // No progress bar or anything else on stderr when it is not a terminal.
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+/// Where crit is installed, our JSON names the same entries with the same addresses and
+/// flags as `crit decode --pretty` does (addresses in hex).
+#[test]
+fn inspect_json_agrees_with_crit() {
+    let crit = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("crit"))
+            .find(|p| p.is_file())
+    });
+    let Some(crit) = crit else {
+        eprintln!("SKIPPED inspect_json_agrees_with_crit: crit is not installed");
+        return;
+    };
+    let pagemap = fixture().join("pagemap-16426.img");
+    let theirs = Command::new(crit)
+        .args(["decode", "--pretty", "-i", pagemap.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    let theirs: serde_json::Value = serde_json::from_slice(&theirs.stdout).unwrap();
+    let ours = run(&["inspect", fixture().to_str().unwrap(), "--json"]);
+    let ours: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
+    assert_eq!(ours["magic"], theirs["magic"]);
+    let (a, b) = (
+        ours["entries"].as_array().unwrap(),
+        theirs["entries"].as_array().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a[0], b[0], "the head");
+    for (x, y) in a[1..].iter().zip(&b[1..]) {
+        assert_eq!(x["vaddr"], y["vaddr"]);
+        assert_eq!(x["flags"], y["flags"]);
+    }
+}
+
+#[test]
+fn inspect_prints_the_notation_and_totals() {
+    let out = run(&["inspect", fixture().to_str().unwrap()]);
+    assert!(out.status.success());
+    let s = text(&out.stdout);
+    assert!(s.contains("141 entries"), "{s}");
+    assert!(s.contains("totals: 141 entries; 413 present pages"), "{s}");
+    assert!(s.lines().nth(2).unwrap().starts_with("00:1,02:2,"), "{s}");
+}
+
+/// Extracted pages hold the pattern the dumped program wrote (see the fixture's
+/// target.json: byte i of page p of the dense region is (i*7 + p*13 + seed) & 0xff).
+#[test]
+fn extract_writes_the_dumped_pages() {
+    let dir = Scratch::new("extract");
+    let out_file = dir.0.join("dense.bin");
+    let out = run(&[
+        "extract",
+        fixture().to_str().unwrap(),
+        "--vaddr",
+        "7fcc39dc6000",
+        "--pages",
+        "256",
+        "--out",
+        out_file.to_str().unwrap(),
+        "--strict",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bytes = std::fs::read(&out_file).unwrap();
+    assert_eq!(bytes.len(), 256 * 4096);
+    for (p, page) in bytes.chunks(4096).enumerate() {
+        for (i, &b) in page.iter().enumerate() {
+            assert_eq!(
+                b as usize,
+                (i * 7 + p * 13 + 11) & 0xff,
+                "page {p} byte {i}"
+            );
+        }
+    }
+    // A page in no entry is refused with --strict: exit 2, one line.
+    let out = run(&[
+        "extract",
+        fixture().to_str().unwrap(),
+        "--vaddr",
+        "1000",
+        "--pages",
+        "1",
+        "--out",
+        out_file.to_str().unwrap(),
+        "--strict",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr).lines().count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn verify_passes_a_good_image_and_fails_broken_ones_with_status_1() {
+    let out = run(&["verify", fixture().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("verify: ok"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // A pages file one page short.
+    let short = Scratch::copy_of_fixture("verify-short");
+    let pages = short.0.join("pages-1.img");
+    let len = std::fs::metadata(&pages).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pages)
+        .unwrap()
+        .set_len(len - 4096)
+        .unwrap();
+    let out = run(&["verify", short.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("page-pipe: verify:") && err.contains("pages-1.img"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // A pagemap cut inside an entry.
+    let cut = Scratch::copy_of_fixture("verify-cut");
+    let pm = cut.0.join("pagemap-16426.img");
+    let bytes = std::fs::read(&pm).unwrap();
+    std::fs::write(&pm, &bytes[..bytes.len() - 3]).unwrap();
+    let out = run(&["verify", cut.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+
+    // Nothing there at all: that is an error, not a verdict on an image.
+    let out = run(&["verify", "/nonexistent/page-pipe-images"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn usage_errors_exit_with_status_2() {
+    assert_eq!(run(&["inspect"]).status.code(), Some(2));
+    assert_eq!(run(&["frobnicate"]).status.code(), Some(2));
+    let out = run(&[
+        "extract", "x", "--vaddr", "zz", "--pages", "1", "--out", "y",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let help = run(&["--help"]);
+    assert!(help.status.success());
+    assert!(text(&help.stdout).contains("Exit status"));
+}
