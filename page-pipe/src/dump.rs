@@ -35,6 +35,7 @@ use crate::capture::Captured;
 use crate::image::{ImageError, ImageWriter, PageFlags, PagemapEntry};
 use crate::mode::{IovStore, Mode};
 use crate::page_pipe::{DumpCursor, DumpItem, PagePipe};
+use crate::progress::Throttle;
 use crate::source::{Iovs, Source};
 
 /// What a dump did.
@@ -401,6 +402,49 @@ impl<F: FnMut(&PagemapEntry, &[u8]) -> io::Result<()>> DumpSink for CallbackSink
     /// The function gets the memory itself: no pipe, no copy.
     fn prefers_memory(&self, _sealed: bool) -> bool {
         true
+    }
+}
+
+/// A sink that counts the pages of the entries it passes on (present and lazy, not
+/// those in the parent) as progress.
+pub(crate) struct Counting<'a, S: ?Sized> {
+    pub(crate) sink: &'a mut S,
+    pub(crate) throttle: &'a mut Throttle,
+}
+
+impl<S: ?Sized> Counting<'_, S> {
+    fn count(&mut self, e: &PagemapEntry) {
+        if !e.flags.contains(PageFlags::PARENT) {
+            self.throttle.advance(e.pages);
+        }
+    }
+}
+
+impl<S: DumpSink + ?Sized> sealed::Sealed for Counting<'_, S> {}
+impl<S: DumpSink + ?Sized> DumpSink for Counting<'_, S> {
+    fn present(
+        &mut self,
+        e: PagemapEntry,
+        pipe: BorrowedFd<'_>,
+        len: usize,
+        pinned: bool,
+    ) -> Result<(), DumpErrorKind> {
+        self.sink.present(e, pipe, len, pinned)?;
+        self.count(&e);
+        Ok(())
+    }
+    fn absent(&mut self, e: PagemapEntry) -> Result<(), DumpErrorKind> {
+        self.sink.absent(e)?;
+        self.count(&e);
+        Ok(())
+    }
+    fn present_bytes(&mut self, e: PagemapEntry, bytes: &[&[u8]]) -> Result<(), DumpErrorKind> {
+        self.sink.present_bytes(e, bytes)?;
+        self.count(&e);
+        Ok(())
+    }
+    fn prefers_memory(&self, sealed: bool) -> bool {
+        self.sink.prefers_memory(sealed)
     }
 }
 

@@ -65,6 +65,7 @@ pub mod dump;
 pub mod image;
 pub mod mode;
 pub mod page_pipe;
+mod progress;
 pub mod serve;
 mod serve_index;
 pub mod snapshot;
@@ -85,6 +86,7 @@ pub use page_pipe::{
     AddError, BufId, BufView, Entries, Notation, PagePipe, PipeId, Progress, Stats, UnknownBuf,
     notation,
 };
+pub use progress::{PROGRESS_INTERVAL, PagesDone, ProgressFn};
 pub use serve::{Found, ServeDest, ServeDestError, ServeError, ServeOp, Served};
 pub use source::{Source, SourceError};
 pub use types::{BufFlags, Hole, HoleFlags, Run};

@@ -25,9 +25,10 @@ use page_pipe_sys::PipeLimits;
 use crate::backend::{KernelPipes, PipeBackend, PipePool, VirtualPipes};
 use crate::builder::BuildError;
 use crate::capture::{CaptureError, CaptureMode, CapturePath};
-use crate::dump::{DumpError, DumpReport, DumpSink, MemoryDumpError};
+use crate::dump::{Counting, DumpError, DumpReport, DumpSink, MemoryDumpError};
 use crate::mode::{Mode, OwnIovs};
 use crate::page_pipe::{AddError, Outcome, PagePipe};
+use crate::progress::{ProgressFn, Throttle};
 use crate::source::Source;
 use crate::types::{BufFlags, HoleFlags};
 
@@ -70,7 +71,7 @@ pub enum Drain {
 }
 
 /// How to take a snapshot.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SnapshotOptions {
     /// How pages reach the sink (default [`Drain::Auto`]).
     pub drain: Drain,
@@ -86,6 +87,24 @@ pub struct SnapshotOptions {
     pub max_pipe_pages: Option<u64>,
     /// A pool to take pipes from and give them back to.
     pub pool: Option<Arc<PipePool>>,
+    /// Called with the pages written so far and the pages of the plan, at a bounded rate
+    /// (see [`ProgressFn`]).
+    pub progress: Option<ProgressFn>,
+}
+
+impl fmt::Debug for SnapshotOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SnapshotOptions")
+            .field("drain", &self.drain)
+            .field("chunk_mode", &self.chunk_mode)
+            .field("iov_budget", &self.iov_budget)
+            .field("lazy_pages", &self.lazy_pages)
+            .field("capture", &self.capture)
+            .field("max_pipe_pages", &self.max_pipe_pages)
+            .field("pool", &self.pool)
+            .field("progress", &self.progress.as_ref().map(|_| "callback"))
+            .finish()
+    }
 }
 
 impl Default for SnapshotOptions {
@@ -98,6 +117,7 @@ impl Default for SnapshotOptions {
             capture: CaptureMode::Auto,
             max_pipe_pages: None,
             pool: None,
+            progress: None,
         }
     }
 }
@@ -189,6 +209,34 @@ impl std::error::Error for SnapshotError {
 /// # Errors
 /// [`SnapshotError`]: what failed, naming the address, page or file.
 pub fn snapshot<S: DumpSink + ?Sized>(
+    source: &Source<'_>,
+    plan: impl IntoIterator<Item = Span>,
+    sink: &mut S,
+    opts: &SnapshotOptions,
+) -> Result<SnapshotReport, SnapshotError> {
+    if opts.progress.is_none() {
+        return snapshot_into(source, plan, sink, opts);
+    }
+    // The plan's pages, for the total: spans are few, so collecting them is cheap.
+    let plan: Vec<Span> = plan.into_iter().collect();
+    let total = plan
+        .iter()
+        .map(|s| match s {
+            Span::Pages { pages, .. } => *pages,
+            Span::Hole { .. } => 0,
+        })
+        .sum();
+    let mut throttle = Throttle::new(opts.progress.clone(), total);
+    let mut counting = Counting {
+        sink,
+        throttle: &mut throttle,
+    };
+    let report = snapshot_into(source, plan, &mut counting, opts)?;
+    throttle.finish();
+    Ok(report)
+}
+
+fn snapshot_into<S: DumpSink + ?Sized>(
     source: &Source<'_>,
     plan: impl IntoIterator<Item = Span>,
     sink: &mut S,

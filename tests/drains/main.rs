@@ -136,3 +136,39 @@ fn both_drains_write_identical_images() {
     assert!(files[0].0 == files[1].0, "the pagemaps differ");
     assert!(files[0].1 == files[1].1, "the pages files differ");
 }
+
+/// Progress comes to the callback with the plan's pages as the total, never goes back,
+/// ends with everything done, and is not called for every entry.
+#[test]
+fn progress_reaches_the_total_at_a_bounded_rate() {
+    use std::sync::{Arc, Mutex};
+    // Many single-page entries: far more entries than calls.
+    let layout: Vec<(u64, u64, u8)> = (0..3000).map(|_| (1, 1, 0)).collect();
+    let (spans, span_pages) = plan(&layout);
+    let mem = patterned(span_pages as usize, 33);
+    let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+    for drain in [Drain::Pipes, Drain::Memory] {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let opts = SnapshotOptions {
+            drain,
+            progress: Some(Arc::new(move |p: page_pipe::PagesDone| {
+                log.lock().unwrap().push(p)
+            })),
+            ..SnapshotOptions::default()
+        };
+        let mut sink = CallbackSink::new(|_: &PagemapEntry, _: &[u8]| {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+            Ok(())
+        });
+        snapshot(&source, spans.iter().copied(), &mut sink, &opts).unwrap();
+        let seen = seen.lock().unwrap();
+        assert!(!seen.is_empty());
+        assert!(seen.iter().all(|p| p.total == 3000 && p.done <= p.total));
+        assert!(seen.windows(2).all(|w| w[0].done <= w[1].done));
+        assert_eq!(seen.last().unwrap().done, 3000, "{drain:?}");
+        // 3000 entries of 20 us or more each take at least 60 ms; with a call at most
+        // every 50 ms (and the last), far fewer calls than entries.
+        assert!(seen.len() < 100, "{drain:?}: {} calls", seen.len());
+    }
+}
