@@ -33,6 +33,7 @@ mod layout;
 mod limits;
 mod pipe;
 mod probe;
+mod raw;
 mod sizing;
 
 pub use layout::{PIPE_BUFFER_SIZE, PipeBuffer};
@@ -42,6 +43,7 @@ pub use pipe::{
     set_pipe_capacity, splice_exact, tee_exact, vmsplice_all, vmsplice_raw, write_exact,
 };
 pub use probe::{GiftSupport, VmspliceMode, VmspliceProbe, probe_vmsplice};
+pub use raw::{copy_from_raw, write_raw_exact};
 pub use sizing::{
     NR_PIPES_PER_CHUNK, PAGE_ALLOC_COSTLY_ORDER, PIPE_DEF_BUFFERS, PIPE_MIN_DEF_BUFFERS,
     PIPE_SIZE_LIMIT, UIO_MAXIOV, pipe_max_size_pages, round_pipe_size,

@@ -232,7 +232,8 @@ impl<M: Mode, I: IovStore> PagePipe<M, I, KernelPipes> {
             // Pieces go in groups of one kind: referenced (vmsplice) or copied (write).
             let mut start = range.start;
             while start < range.end {
-                let by_ref = |i: usize| iovs.hold(i) != Hold::Shared;
+                // Memory others may write goes in as copies, the rest by reference.
+                let by_ref = |i: usize| matches!(iovs.hold(i), Hold::Lent | Hold::Sealed);
                 let kind = by_ref(start);
                 let end = (start..range.end)
                     .find(|&i| by_ref(i) != kind)

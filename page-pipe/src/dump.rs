@@ -36,7 +36,7 @@ use crate::image::{ImageError, ImageWriter, PageFlags, PagemapEntry};
 use crate::mode::{IovStore, Mode};
 use crate::page_pipe::{DumpCursor, DumpItem, PagePipe};
 use crate::progress::Throttle;
-use crate::source::{Iovs, Source};
+use crate::source::{Chunk, Iovs, Source};
 
 /// What a dump did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -153,9 +153,13 @@ pub trait DumpSink: sealed::Sealed {
     /// Takes an entry without pages here (`PARENT`, or `LAZY` kept in its pipe).
     #[doc(hidden)]
     fn absent(&mut self, e: PagemapEntry) -> Result<(), DumpErrorKind>;
-    /// Takes a `PRESENT` entry with its pages as bytes (one slice per memory region).
+    /// Takes a `PRESENT` entry with its pages from memory, one chunk per memory region.
     #[doc(hidden)]
-    fn present_bytes(&mut self, e: PagemapEntry, bytes: &[&[u8]]) -> Result<(), DumpErrorKind>;
+    fn present_chunks(
+        &mut self,
+        e: PagemapEntry,
+        chunks: &[Chunk<'_>],
+    ) -> Result<(), DumpErrorKind>;
     /// Whether this sink is better fed from memory than from pipes, for memory that is
     /// `sealed` (may leave by reference) or not (see
     /// [`snapshot`](crate::snapshot::snapshot)).
@@ -179,8 +183,12 @@ impl DumpSink for ImageWriter {
     fn absent(&mut self, e: PagemapEntry) -> Result<(), DumpErrorKind> {
         self.push(e).map_err(|e| DumpErrorKind::Image(Box::new(e)))
     }
-    fn present_bytes(&mut self, e: PagemapEntry, bytes: &[&[u8]]) -> Result<(), DumpErrorKind> {
-        self.push_slices(e, bytes)
+    fn present_chunks(
+        &mut self,
+        e: PagemapEntry,
+        chunks: &[Chunk<'_>],
+    ) -> Result<(), DumpErrorKind> {
+        self.push_chunks(e, chunks)
             .map_err(|e| DumpErrorKind::Image(Box::new(e)))
     }
     fn prefers_memory(&self, _sealed: bool) -> bool {
@@ -307,12 +315,18 @@ impl<F: AsFd> DumpSink for FdSink<F> {
         self.record(e);
         Ok(())
     }
-    fn present_bytes(&mut self, e: PagemapEntry, bytes: &[&[u8]]) -> Result<(), DumpErrorKind> {
-        for b in bytes {
-            write_exact(self.fd.as_fd(), b).map_err(|p| DumpErrorKind::Sink {
-                entry: e,
-                error: p.into(),
-            })?;
+    fn present_chunks(
+        &mut self,
+        e: PagemapEntry,
+        chunks: &[Chunk<'_>],
+    ) -> Result<(), DumpErrorKind> {
+        for c in chunks {
+            // Written from memory: the fd gets copies.
+            c.write_to(self.fd.as_fd(), None)
+                .map_err(|p| DumpErrorKind::Sink {
+                    entry: e,
+                    error: p.into(),
+                })?;
         }
         self.record(e);
         Ok(())
@@ -386,13 +400,21 @@ impl<F: FnMut(&PagemapEntry, &[u8]) -> io::Result<()>> DumpSink for CallbackSink
     fn absent(&mut self, e: PagemapEntry) -> Result<(), DumpErrorKind> {
         (self.f)(&e, &[]).map_err(|error| DumpErrorKind::Sink { entry: e, error })
     }
-    fn present_bytes(&mut self, e: PagemapEntry, bytes: &[&[u8]]) -> Result<(), DumpErrorKind> {
-        let r = match bytes {
-            [one] => (self.f)(&e, one),
-            many => {
-                self.buf.clear();
-                for b in many {
-                    self.buf.extend_from_slice(b);
+    fn present_chunks(
+        &mut self,
+        e: PagemapEntry,
+        chunks: &[Chunk<'_>],
+    ) -> Result<(), DumpErrorKind> {
+        let r = match chunks.first().and_then(Chunk::as_slice) {
+            Some(one) if chunks.len() == 1 => (self.f)(&e, one),
+            _ => {
+                // Several regions, or memory others may write: a copy of ours.
+                let total = chunks.iter().map(Chunk::len).sum();
+                self.buf.resize(total, 0);
+                let mut at = 0;
+                for c in chunks {
+                    c.copy_to(&mut self.buf[at..at + c.len()]);
+                    at += c.len();
                 }
                 (self.f)(&e, &self.buf)
             }
@@ -438,8 +460,12 @@ impl<S: DumpSink + ?Sized> DumpSink for Counting<'_, S> {
         self.count(&e);
         Ok(())
     }
-    fn present_bytes(&mut self, e: PagemapEntry, bytes: &[&[u8]]) -> Result<(), DumpErrorKind> {
-        self.sink.present_bytes(e, bytes)?;
+    fn present_chunks(
+        &mut self,
+        e: PagemapEntry,
+        chunks: &[Chunk<'_>],
+    ) -> Result<(), DumpErrorKind> {
+        self.sink.present_chunks(e, chunks)?;
         self.count(&e);
         Ok(())
     }
@@ -562,8 +588,8 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
                     source
                         .iovs(entry.vaddr, entry.pages, &mut iovs)
                         .map_err(MemoryDumpError::NotCovered)?;
-                    let slices = iovs.slices(0..iovs.len());
-                    if let Err(kind) = sink.present_bytes(entry, &slices) {
+                    let chunks = iovs.chunks(0..iovs.len());
+                    if let Err(kind) = sink.present_chunks(entry, &chunks) {
                         self.lose(slot);
                         return Err(MemoryDumpError::Dump(DumpError { kind, done }));
                     }

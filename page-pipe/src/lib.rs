@@ -88,6 +88,8 @@ pub use page_pipe::{
 };
 pub use progress::{PROGRESS_INTERVAL, PagesDone, ProgressFn};
 pub use serve::{Found, ServeDest, ServeDestError, ServeError, ServeOp, Served};
+#[doc(hidden)]
+pub use source::Chunk;
 pub use source::{Source, SourceError};
 pub use types::{BufFlags, Hole, HoleFlags, Run};
 

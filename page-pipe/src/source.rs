@@ -29,7 +29,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 
 use memmap2::Mmap;
@@ -116,6 +116,8 @@ enum Owner {
     Sealed(#[allow(dead_code)] Mmap),
     /// Owned, but others may write it (a file or shared mapping).
     Shared(#[allow(dead_code)] Mmap),
+    /// Not owned, and others may write it at any time (the `with_volatile` contract).
+    Volatile,
 }
 
 /// How one piece of memory goes into a pipe, by the way its region is held.
@@ -128,6 +130,10 @@ pub(crate) enum Hold {
     Sealed,
     /// Others may write it: copied into the pipe.
     Shared,
+    /// Others may write it at any time, and Rust code must never see it as a slice: only
+    /// the kernel reads it (copied into pipes with `write(2)`, written to sinks with
+    /// `write`/`pwrite`), or a volatile copy.
+    Volatile,
 }
 
 #[derive(Debug)]
@@ -144,6 +150,7 @@ impl Region {
             Owner::Lent => Hold::Lent,
             Owner::Sealed(_) => Hold::Sealed,
             Owner::Shared(_) => Hold::Shared,
+            Owner::Volatile => Hold::Volatile,
         }
     }
 }
@@ -267,6 +274,34 @@ impl<'m> Source<'m> {
         self.insert(addr, ptr, len, Owner::Lent)
     }
 
+    /// Adds `len` bytes of memory at `ptr` that others may write at any time (a guest's
+    /// RAM while it runs, pages other threads keep changing), as the region at `addr`.
+    ///
+    /// The crate never makes a reference to this memory: captures copy it into pipes with
+    /// `write(2)` (never `vmsplice`: references would show later writes to whoever reads
+    /// the pipe), dumps from memory write it with `write`/`pwrite` from its address, and a
+    /// callback gets a volatile copy; [`get`](Self::get) returns `None` for it. Each page
+    /// is read once, as it is at that moment: the snapshot is consistent only if the
+    /// writers are stopped, or the pages write-protected, while they are read.
+    ///
+    /// # Errors
+    /// [`SourceError`] when the region breaks a rule of the [module docs](self).
+    ///
+    /// # Safety
+    /// For all of `'m`:
+    /// - the `len` bytes at `ptr` stay mapped and readable (unmapped memory gives an
+    ///   `EFAULT` error from the kernel, but a volatile copy for a callback would fault);
+    /// - no Rust code holds a reference to them that assumes they do not change (they are
+    ///   memory shared with others, as vm-memory's `VolatileSlice` describes it).
+    pub unsafe fn with_volatile(
+        self,
+        addr: u64,
+        ptr: NonNull<u8>,
+        len: usize,
+    ) -> Result<Self, SourceError> {
+        self.insert(addr, ptr, len, Owner::Volatile)
+    }
+
     fn insert(
         mut self,
         addr: u64,
@@ -327,8 +362,8 @@ impl<'m> Source<'m> {
     }
 
     /// The memory of `pages` pages from page pipe address `addr`, when one region covers
-    /// them all. (For a raw region this makes a reference to the memory, under the
-    /// contract of [`with_raw`](Self::with_raw).)
+    /// them all and it is not volatile memory. (For a raw region this makes a reference
+    /// to the memory, under the contract of [`with_raw`](Self::with_raw).)
     pub fn get(&self, addr: u64, pages: u64) -> Option<&[u8]> {
         let len = usize::try_from(pages).ok()?.checked_mul(self.page_size)?;
         let i = self
@@ -336,6 +371,9 @@ impl<'m> Source<'m> {
             .partition_point(|r| r.addr <= addr)
             .checked_sub(1)?;
         let r = &self.regions[i];
+        if r.hold() == Hold::Volatile {
+            return None;
+        }
         let off = usize::try_from(addr - r.addr).ok()?;
         if off.checked_add(len)? > r.len {
             return None;
@@ -428,17 +466,22 @@ impl<'s> Iovs<'s> {
         self.pieces[i].hold
     }
 
-    /// The memory of pieces `range`, as slices.
-    pub(crate) fn slices(&self, range: std::ops::Range<usize>) -> Vec<&'s [u8]> {
+    /// The memory of pieces `range`, as chunks: slices, but for volatile memory, which
+    /// only the kernel or a volatile copy reads.
+    pub(crate) fn chunks(&self, range: std::ops::Range<usize>) -> Vec<Chunk<'s>> {
         self.pieces[range]
             .iter()
             .map(|p| {
+                if p.hold == Hold::Volatile {
+                    return Chunk(ChunkKind::Raw(p.iov, PhantomData));
+                }
                 // SAFETY:
                 // - `p.iov` was made by `Source::iovs`, so it lies within one region;
-                // - that region is readable and unmodified while the borrow 's of the
-                //   source lasts (the source's rules), and the slice lives no longer;
+                // - that region is not volatile (checked above), so it is readable and
+                //   unmodified while the borrow 's of the source lasts (the source's
+                //   rules), and the slice lives no longer;
                 // - any byte is a valid `u8`.
-                unsafe { std::slice::from_raw_parts(p.iov.base, p.iov.len) }
+                Chunk::bytes(unsafe { std::slice::from_raw_parts(p.iov.base, p.iov.len) })
             })
             .collect()
     }
@@ -481,24 +524,91 @@ impl<'s> Iovs<'s> {
         skip: usize,
     ) -> Result<usize, Partial> {
         let mut done = 0;
-        for bytes in self.slices(range) {
-            let bytes = if done + bytes.len() <= skip {
-                done += bytes.len();
-                continue;
-            } else if done < skip {
-                let cut = skip - done;
-                done = skip;
-                &bytes[cut..]
-            } else {
-                bytes
-            };
-            page_pipe_sys::write_exact(fd.as_fd(), bytes).map_err(|p| Partial {
-                done: done - skip + p.done,
+        for iov in after(&self.pieces[range], skip) {
+            // The kernel reads the memory (a copy into `fd`): no reference to it is made,
+            // so this serves volatile memory as well.
+            page_pipe_sys::write_raw_exact(fd, iov, None).map_err(|p| Partial {
+                done: done + p.done,
                 stopped: p.stopped,
             })?;
-            done += bytes.len();
+            done += iov.len;
         }
-        Ok(done - skip)
+        Ok(done)
+    }
+}
+
+/// Bytes of pages on their way to a sink: memory the crate may read as a slice, or memory
+/// that others may write, which only the kernel (`write`/`pwrite` from its address) or a
+/// volatile copy reads. Only a [`Source`] (through [`Iovs`]) or a slice makes one, so the
+/// address of a raw chunk is always within a region that stays mapped while the chunk
+/// lives (`'a`).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a>(ChunkKind<'a>);
+
+#[derive(Debug, Clone, Copy)]
+enum ChunkKind<'a> {
+    Bytes(&'a [u8]),
+    Raw(RawIov, PhantomData<&'a ()>),
+}
+
+impl<'a> Chunk<'a> {
+    /// A chunk of bytes nobody changes while the slice lives.
+    pub(crate) fn bytes(b: &'a [u8]) -> Self {
+        Chunk(ChunkKind::Bytes(b))
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        match self.0 {
+            ChunkKind::Bytes(b) => b.len(),
+            ChunkKind::Raw(r, _) => r.len,
+        }
+    }
+
+    /// Whether it holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes as a slice, when nobody can change them.
+    pub(crate) fn as_slice(&self) -> Option<&'a [u8]> {
+        match self.0 {
+            ChunkKind::Bytes(b) => Some(b),
+            ChunkKind::Raw(..) => None,
+        }
+    }
+
+    /// Writes the chunk to `fd` (at `offset`, when given) with `write`/`pwrite`: the
+    /// kernel reads the memory.
+    pub(crate) fn write_to(&self, fd: BorrowedFd<'_>, offset: Option<u64>) -> Result<(), Partial> {
+        match (self.0, offset) {
+            (ChunkKind::Bytes(b), None) => page_pipe_sys::write_exact(fd, b),
+            (ChunkKind::Bytes(b), Some(off)) => {
+                page_pipe_sys::write_raw_exact(fd, RawIov::of(b), Some(off))
+            }
+            (ChunkKind::Raw(r, _), off) => page_pipe_sys::write_raw_exact(fd, r, off),
+        }
+    }
+
+    /// Copies the chunk into `dst`, which must be as long: a raw chunk with volatile loads.
+    pub(crate) fn copy_to(&self, dst: &mut [u8]) {
+        assert_eq!(
+            dst.len(),
+            self.len(),
+            "a chunk copies into a buffer of its length"
+        );
+        match self.0 {
+            ChunkKind::Bytes(b) => dst.copy_from_slice(b),
+            // SAFETY:
+            // - `r` was made by `Iovs::chunks` from a region of a source, which stays
+            //   mapped and readable while `'a` lasts (the source's rules; `'a` is the
+            //   borrow of the source);
+            // - it is `dst.len()` bytes long (asserted above);
+            // - `dst` is ours, so it does not overlap the source's memory, which the crate
+            //   never lends out mutably.
+            ChunkKind::Raw(r, _) => unsafe { page_pipe_sys::copy_from_raw(dst, r.base) },
+        }
     }
 }
 
@@ -638,7 +748,8 @@ mod tests {
         let mut out = Iovs::new();
         s.iovs(9 * p, 3, &mut out).unwrap();
         assert_eq!(out.len(), 2);
-        let slices = out.slices(0..2);
+        let chunks = out.chunks(0..2);
+        let slices: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice().unwrap()).collect();
         assert_eq!(
             (slices[0].as_ptr(), slices[0].len()),
             (a[ps()..].as_ptr(), ps())

@@ -340,3 +340,64 @@ fn a_copying_capture_of_borrowed_memory_is_not_pinned() {
     mem.fill(0);
     assert!(read_n(&mut rx, PAGES * ps()) == before);
 }
+
+/// Memory that others may write comes in as volatile memory: the crate never references
+/// it (captures copy it, so later writes never show), never hands it out as a slice, and
+/// every sink gets its bytes, through pipes or straight from memory.
+#[test]
+fn volatile_memory_is_copied_and_never_lent_out() {
+    let dir = TempDir::new("promises-volatile");
+    let mut mem = MmapOptions::new().len(PAGES * ps()).map_anon().unwrap();
+    fill_pattern(&mut mem, 12);
+    let before = mem.to_vec();
+    let ptr = std::ptr::NonNull::new(mem.as_mut_ptr()).unwrap();
+    // SAFETY: the mapping outlives the source; nothing holds a reference to it while the
+    // source is used (the writes below happen through the raw pointer, after the capture).
+    let source = unsafe { Source::new().with_volatile(BASE, ptr, PAGES * ps()) }.unwrap();
+    assert!(
+        source.get(BASE, 1).is_none(),
+        "volatile memory is never a slice"
+    );
+    let mut pp = PagePipe::builder().iov_budget(4).build().unwrap();
+    pp.add_pages(BASE, PAGES as u64, BufFlags::empty()).unwrap();
+    let mut c = pp.capture(&source).unwrap();
+    assert_eq!(c.report().copied, PAGES as u64);
+    assert_eq!(c.report().path, CapturePath::Copy);
+    // SAFETY: the mapping is `PAGES` pages long and nobody holds a reference into it.
+    unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0x5a, PAGES * ps()) };
+    let (mut rx, tx) = UnixStream::pair().unwrap();
+    c.dump(&mut FdSink::new(&tx)).unwrap();
+    assert!(
+        read_n(&mut rx, PAGES * ps()) == before,
+        "the capture's copies"
+    );
+    drop(c);
+    // Straight from memory, into each kind of sink: the bytes as they are now.
+    // SAFETY: as above.
+    unsafe { std::ptr::copy_nonoverlapping(before.as_ptr(), ptr.as_ptr(), before.len()) };
+    let plan = [Span::Pages {
+        addr: BASE,
+        pages: PAGES as u64,
+        flags: BufFlags::empty(),
+    }];
+    let opts = SnapshotOptions {
+        drain: Drain::Memory,
+        ..SnapshotOptions::default()
+    };
+    let mut got = Vec::new();
+    let mut cb = CallbackSink::new(|_: &PagemapEntry, b: &[u8]| {
+        got.extend_from_slice(b);
+        Ok(())
+    });
+    snapshot(&source, plan, &mut cb, &opts).unwrap();
+    drop(cb);
+    assert!(got == before);
+    let mut w = ImageWriter::create(dir.path().join("img"), 1).unwrap();
+    snapshot(&source, plan, &mut w, &opts).unwrap();
+    w.finish().unwrap();
+    assert_restores(&dir.path().join("img"), BASE, &before);
+    snapshot(&source, plan, &mut FdSink::new(&tx), &opts).unwrap();
+    assert!(read_n(&mut rx, PAGES * ps()) == before);
+    drop(source);
+    drop(mem);
+}

@@ -1,6 +1,7 @@
 //! [`ImageWriter`]: writes an image directory under temporary names and commits it
 //! atomically.
 
+use crate::source::Chunk;
 use std::fs::{DirBuilder, File};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -345,6 +346,17 @@ impl ImageWriter {
         e: PagemapEntry,
         bytes: &[&[u8]],
     ) -> Result<(), ImageError> {
+        let chunks: Vec<Chunk<'_>> = bytes.iter().map(|b| Chunk::bytes(b)).collect();
+        self.push_chunks(e, &chunks)
+    }
+
+    /// Adds a `PRESENT` entry with its pages given as chunks (slices, or memory others may
+    /// write, which the kernel reads) that together are `e.pages` pages.
+    pub(crate) fn push_chunks(
+        &mut self,
+        e: PagemapEntry,
+        bytes: &[Chunk<'_>],
+    ) -> Result<(), ImageError> {
         let e = PagemapEntry {
             flags: e.flags | PageFlags::PRESENT,
             ..e
@@ -360,8 +372,8 @@ impl ImageWriter {
         }
         let mut off = self.pages_off;
         for b in bytes {
-            if let Err(error) = write_all_at(&self.pages, b, off) {
-                let err = io_err(&self.pages_path, "write pages")(error);
+            if let Err(p) = b.write_to(self.pages.as_fd(), Some(off)) {
+                let err = io_err(&self.pages_path, "write pages")(p.into());
                 return Err(self.fail(err));
             }
             off += b.len() as u64;
