@@ -42,7 +42,7 @@ enum Cmd {
     /// Each entry is PAGE:COUNT, the page number counted from the base in hex, with :P for
     /// pages in the parent image, :L for lazy pages, :L- for lazy pages not in this image.
     Inspect {
-        /// The image directory (holding one pagemap-<id>.img).
+        /// The image directory (holding one `pagemap-<id>.img`).
         dir: PathBuf,
         /// Print one JSON object: {"magic": "PAGEMAP", "entries": [...]} with the fields
         /// `crit decode` uses (the head first, then vaddr, nr_pages, flags per entry),
