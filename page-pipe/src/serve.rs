@@ -485,7 +485,7 @@ impl<M: Mode, I: IovStore> Captured<'_, M, I> {
     ) -> Result<Served<'a>, ServeError> {
         let (pp, _, index) = self.parts();
         let ps = pp.page_size() as u64;
-        if addr % ps != 0 {
+        if !addr.is_multiple_of(ps) {
             return Err(ServeError::Unaligned { addr });
         }
         // Whatever an earlier guard left behind goes first.

@@ -310,7 +310,7 @@ impl<'m> Source<'m> {
         owner: Owner,
     ) -> Result<Self, SourceError> {
         let ps = self.page_size;
-        if ptr.as_ptr() as usize % ps != 0 {
+        if !(ptr.as_ptr() as usize).is_multiple_of(ps) {
             return Err(SourceError::UnalignedMemory {
                 addr,
                 ptr: ptr.as_ptr() as usize,

@@ -209,7 +209,7 @@ fn incremental_snapshots_restore_through_the_parent_chain() {
         w.finish().unwrap()
     };
     full(&mem, &d1);
-    let dirty2 = |i: u64| i % 5 == 0 || (300..340).contains(&i);
+    let dirty2 = |i: u64| i.is_multiple_of(5) || (300..340).contains(&i);
     for i in 0..pages as u64 {
         if dirty2(i) {
             mem[i as usize * ps()..][..ps()].fill(i as u8 ^ 0x5a);

@@ -195,7 +195,7 @@ impl Model {
     }
 
     fn check(&self, addr: u64, n: u64) -> Result<(), AddError> {
-        if addr % self.page_size != 0 {
+        if !addr.is_multiple_of(self.page_size) {
             return Err(AddError::Unaligned {
                 addr,
                 page_size: self.page_size as usize,
