@@ -551,27 +551,56 @@ fn discard_to<M: Mode, I: IovStore>(
     Ok(())
 }
 
+/// Where the memory drain takes the bytes of each present entry from: a [`Source`], or
+/// (for a live snapshot) memory whose pages may have been saved aside.
+pub(crate) trait PageBytes {
+    /// Checks that the pages of `entry` can be had; the first address that cannot.
+    fn check(&mut self, entry: &PagemapEntry) -> Result<(), u64>;
+    /// The chunks holding the pages of `entry`, in order, appended to `out`; they stay
+    /// valid until [`release`](Self::release).
+    fn get<'a>(&'a mut self, entry: &PagemapEntry, out: &mut Vec<Chunk<'a>>) -> Result<(), u64>;
+    /// The dump is done with the pages of `entry` (written, or failed).
+    fn release(&mut self, entry: &PagemapEntry);
+}
+
+/// The bytes of a source: its memory, as chunks.
+pub(crate) struct SourceBytes<'s, 'm> {
+    pub(crate) source: &'s Source<'m>,
+    pub(crate) iovs: Iovs<'s>,
+}
+
+impl PageBytes for SourceBytes<'_, '_> {
+    fn check(&mut self, entry: &PagemapEntry) -> Result<(), u64> {
+        self.iovs.clear();
+        self.source.iovs(entry.vaddr, entry.pages, &mut self.iovs)
+    }
+    fn get<'a>(&'a mut self, entry: &PagemapEntry, out: &mut Vec<Chunk<'a>>) -> Result<(), u64> {
+        self.iovs.clear();
+        self.source.iovs(entry.vaddr, entry.pages, &mut self.iovs)?;
+        out.extend(self.iovs.chunks(0..self.iovs.len()));
+        Ok(())
+    }
+    fn release(&mut self, _entry: &PagemapEntry) {}
+}
+
 impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
-    /// Dumps what the page pipe recorded straight from `source`'s memory into `sink`: the
-    /// same entries, in the same order, as a capture and [`Captured::dump`] would give,
-    /// with the bytes taken from memory instead of pipes.
+    /// Dumps what the page pipe recorded straight from memory into `sink`, taking each
+    /// present entry's bytes from `bytes`: the same entries, in the same order, as a
+    /// capture and [`Captured::dump`] would give, with the bytes taken from memory
+    /// instead of pipes.
     pub(crate) fn dump_from<S: DumpSink + ?Sized>(
         &mut self,
-        source: &Source<'_>,
+        bytes: &mut dyn PageBytes,
         sink: &mut S,
     ) -> Result<DumpReport, MemoryDumpError> {
         let ps = self.page_size() as u64;
         self.begin_drain();
-        // Every present page must be in the source before anything goes out, as a
-        // capture checks before any syscall.
-        let mut iovs = Iovs::new();
+        // Every present page must be there before anything goes out, as a capture checks
+        // before any syscall.
         let mut cursor = DumpCursor::new();
         while let Some(item) = cursor.next(self) {
             if let DumpItem::Present { entry, .. } = item {
-                iovs.clear();
-                source
-                    .iovs(entry.vaddr, entry.pages, &mut iovs)
-                    .map_err(MemoryDumpError::NotCovered)?;
+                bytes.check(&entry).map_err(MemoryDumpError::NotCovered)?;
             }
         }
         let mut done = DumpReport::default();
@@ -584,14 +613,19 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
                     e
                 }
                 DumpItem::Present { entry, slot, .. } => {
-                    iovs.clear();
-                    source
-                        .iovs(entry.vaddr, entry.pages, &mut iovs)
-                        .map_err(MemoryDumpError::NotCovered)?;
-                    let chunks = iovs.chunks(0..iovs.len());
-                    if let Err(kind) = sink.present_chunks(entry, &chunks) {
+                    let mut chunks = Vec::new();
+                    let r = bytes
+                        .get(&entry, &mut chunks)
+                        .map_err(MemoryDumpError::NotCovered)
+                        .and_then(|()| {
+                            sink.present_chunks(entry, &chunks)
+                                .map_err(|kind| MemoryDumpError::Dump(DumpError { kind, done }))
+                        });
+                    drop(chunks);
+                    bytes.release(&entry);
+                    if let Err(e) = r {
                         self.lose(slot);
-                        return Err(MemoryDumpError::Dump(DumpError { kind, done }));
+                        return Err(e);
                     }
                     self.consume(slot, entry.pages);
                     entry

@@ -25,11 +25,11 @@ use page_pipe_sys::PipeLimits;
 use crate::backend::{KernelPipes, PipeBackend, PipePool, VirtualPipes};
 use crate::builder::BuildError;
 use crate::capture::{CaptureError, CaptureMode, CapturePath};
-use crate::dump::{Counting, DumpError, DumpReport, DumpSink, MemoryDumpError};
+use crate::dump::{Counting, DumpError, DumpReport, DumpSink, MemoryDumpError, SourceBytes};
 use crate::mode::{Mode, OwnIovs};
 use crate::page_pipe::{AddError, Outcome, PagePipe};
 use crate::progress::{ProgressFn, Throttle};
-use crate::source::Source;
+use crate::source::{Iovs, Source};
 use crate::types::{BufFlags, HoleFlags};
 
 /// One span of a snapshot plan, in address order.
@@ -321,7 +321,11 @@ impl Mover for VirtualPipes {
         sink: &mut S,
     ) -> Result<PagePipe<M, OwnIovs, Self>, SnapshotError> {
         let t = Instant::now();
-        let done = pp.dump_from(source, sink).map_err(|e| match e {
+        let mut bytes = SourceBytes {
+            source,
+            iovs: Iovs::new(),
+        };
+        let done = pp.dump_from(&mut bytes, sink).map_err(|e| match e {
             MemoryDumpError::NotCovered(addr) => {
                 SnapshotError::Capture(CaptureError::NotCovered { addr })
             }
