@@ -32,7 +32,10 @@
 //! 4. In chunk mode, [`Captured::reinit`] gives the page pipe back for the next chunk.
 //!
 //! [`snapshot::snapshot`] runs these steps for a plan of spans; [`image::Image`] reads an
-//! image back through its parent chain.
+//! image back through its parent chain. For incremental snapshots, a
+//! [`track::Tracker`] finds the pages written since the last one (userfaultfd
+//! write-protection), and [`track::plan_from_dirty_log`] turns a dirty bitmap from
+//! elsewhere (KVM's dirty log) into a plan.
 //!
 //! # Thread safety
 //!
@@ -55,6 +58,7 @@ pub mod page_pipe;
 pub mod read;
 pub mod snapshot;
 pub mod source;
+pub mod track;
 mod types;
 
 pub use backend::{FakeKernel, FakePipe, FakePipes, KernelPipes, PipeBackend, PipePool};
