@@ -204,6 +204,13 @@ fn plans_are_in_snapshot_addresses_over_several_regions() {
 }
 
 #[test]
+fn a_tracker_can_move_to_another_thread() {
+    fn send<T: Send>() {}
+    send::<Tracker>();
+    send::<TrackError>();
+}
+
+#[test]
 fn bad_regions_are_refused_before_anything_is_registered() {
     let m = anon(8);
     let p = ps();

@@ -208,7 +208,7 @@ impl SyncEngine {
             .spawn(move || s.serve(read))
             .map_err(|e| TrackError::System {
                 what: "spawn the fault handler thread",
-                errno: super::io_errno(&e),
+                errno: super::error::io_errno(&e),
             })?;
         Ok(Self {
             shared,

@@ -53,16 +53,18 @@
 //!   without waking anyone, and remembers it. [`take`](Tracker::take) is one
 //!   `PAGEMAP_SCAN` per region with `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC` and the
 //!   category `PAGE_IS_WRITTEN`: it lists the written pages and protects them again in
-//!   the same walk, page by page under the page-table lock. Writers never wait. Measured
-//!   here: 0.5–0.8 ms for 1 GiB with 1% of it written.
+//!   the same walk, page by page under the page-table lock. Writers never wait; a first
+//!   write costs a minor fault (0.6 µs). Measured here: about 0.4 ms for 1 GiB with 1% of
+//!   it written, 1.2–1.3 times the bare `PAGEMAP_SCAN` (see the README).
 //! - **Synchronous** ([`Method::Sync`], the fallback for kernels without `WP_ASYNC`, or
 //!   forced with [`Avoid::WP_ASYNC`]): each first write to a protected page waits while a
 //!   handler thread records the page in a bitmap and lifts its protection
 //!   (`UFFDIO_WRITEPROTECT` without `MODE_WP`, which wakes the writer: 3.5 µs with writer
-//!   and handler on one CPU, about 60 µs across CPUs, measured here). `take` swaps the
-//!   bitmap for an empty one and protects the recorded pages again, holding the lock the
-//!   handler takes for each fault, so a fault is recorded either before the swap (and its
-//!   page re-protected) or after (and reported next time).
+//!   and handler on one CPU, 60–70 µs across CPUs, measured here). `take` reads the
+//!   events still queued, swaps the bitmap for an empty one and protects the recorded
+//!   pages again, holding the lock the handler holds while it handles events, so a fault
+//!   is handled either before the swap (and its page protected again) or after (and
+//!   reported next time).
 //!
 //! Both protect never-populated anonymous pages too (`UFFD_FEATURE_WP_UNPOPULATED`; on
 //! kernels without it, anonymous regions are first populated for reading with
@@ -156,6 +158,7 @@
 //!    engine, protect. The pause is the protection time either way.
 
 mod bitmap;
+mod error;
 mod faults;
 mod maps;
 mod scan;
@@ -172,8 +175,10 @@ use crate::snapshot::Span;
 use crate::types::{BufFlags, HoleFlags};
 
 pub use bitmap::{DirtyLogError, extend_plan_from_dirty_log, plan_from_dirty_log};
+pub use error::{LostBy, TrackError};
 
 use bitmap::{for_each_run, new_bitmap, push_plan, push_spans, set_range};
+use error::io_errno;
 use faults::SyncEngine;
 use scan::AsyncEngine;
 
@@ -357,301 +362,6 @@ pub struct TakeReport {
     /// Spans appended.
     pub spans: usize,
 }
-
-/// How tracking was lost (synchronous mode; see the [module docs](self)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LostBy {
-    /// Pages were discarded (`MADV_DONTNEED`, `MADV_REMOVE`, `MADV_FREE`).
-    Discard,
-    /// The memory was unmapped.
-    Unmap,
-    /// The memory was moved (`mremap(2)`).
-    Remap,
-    /// Lifting a page's protection failed (the handler woke the writer anyway).
-    Unprotect(Errno),
-    /// The handler thread could not wait for or read events.
-    Handler(Errno),
-    /// An event the tracker did not ask for.
-    Unexpected(u8),
-}
-
-/// Why tracking could not start or go on. Errors name the region by its snapshot address
-/// and its host range.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum TrackError {
-    /// A region's snapshot address, host address or length is not a multiple of the page
-    /// size (or of its granule), or is empty.
-    Unaligned {
-        /// Snapshot address.
-        addr: u64,
-        /// Host address.
-        host: usize,
-        /// Length in bytes.
-        len: usize,
-        /// The unit they must be multiples of.
-        unit: usize,
-    },
-    /// Two regions overlap, in snapshot addresses or in memory.
-    Overlap {
-        /// One region's snapshot address.
-        addr: u64,
-        /// The other's.
-        other: u64,
-    },
-    /// A region passes the end of the address space.
-    Overflow {
-        /// Snapshot address.
-        addr: u64,
-    },
-    /// No userfaultfd could be made (`ENOSYS`: no userfaultfd in this kernel, or a seccomp
-    /// filter).
-    Open {
-        /// The errno of `userfaultfd(2)`.
-        errno: Errno,
-    },
-    /// A userfaultfd that sees kernel faults is refused to this process, and a
-    /// user-mode-only one would not do (see [`Privilege`]).
-    Privilege {
-        /// The errno of `userfaultfd(2)` (`EPERM`).
-        syscall: Errno,
-        /// The errno of `/dev/userfaultfd` (`EACCES`, `ENOENT`).
-        device: Errno,
-        /// `vm.unprivileged_userfaultfd`, if readable.
-        unprivileged_userfaultfd: Option<u32>,
-        /// Whether the tracking would have been synchronous (where user-mode-only faults
-        /// make kernel writes fail).
-        sync: bool,
-    },
-    /// The kernel lacks what tracking needs.
-    Unsupported {
-        /// What is missing.
-        missing: &'static str,
-        /// The userfaultfd features the kernel offers.
-        offered: UffdFeatures,
-    },
-    /// `UFFDIO_REGISTER` refused a region.
-    Register {
-        /// Snapshot address.
-        addr: u64,
-        /// Host address.
-        host: usize,
-        /// Length in bytes.
-        len: usize,
-        /// The errno: `EINVAL` (memory that cannot be write-protected), `EBUSY`
-        /// (registered with another userfaultfd), `EPERM`, `ENOMEM`.
-        errno: Errno,
-        /// The mappings there, from `/proc/self/maps`.
-        mapping: String,
-    },
-    /// Write-protecting a region, or lifting a protection, failed.
-    Protect {
-        /// Snapshot address of the region.
-        addr: u64,
-        /// Host address of the range.
-        host: usize,
-        /// Length of the range.
-        len: usize,
-        /// The errno.
-        errno: Errno,
-    },
-    /// `PAGEMAP_SCAN` failed (`EPERM`: part of the region is no longer registered with
-    /// asynchronous write-protection, e.g. it was unmapped and mapped again).
-    Scan {
-        /// Snapshot address of the region.
-        addr: u64,
-        /// Host address where the scan was.
-        host: usize,
-        /// The errno.
-        errno: Errno,
-    },
-    /// Tracking of part of the memory was lost (synchronous mode): take a full snapshot
-    /// and start again.
-    Lost {
-        /// The host range's start.
-        host: u64,
-        /// Its end.
-        end: u64,
-        /// How.
-        by: LostBy,
-    },
-    /// [`Tracker::mark_written`] named pages outside every region.
-    NotTracked {
-        /// The snapshot address.
-        addr: u64,
-        /// The pages.
-        pages: u64,
-    },
-    /// A system call besides the tracking ones failed.
-    System {
-        /// What was being done.
-        what: &'static str,
-        /// The errno.
-        errno: Errno,
-    },
-}
-
-fn io_errno(e: &std::io::Error) -> Errno {
-    Errno::from_io_error(e).unwrap_or(Errno::IO)
-}
-
-impl fmt::Display for TrackError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TrackError::Unaligned {
-                addr,
-                host,
-                len,
-                unit,
-            } => write!(
-                f,
-                "region {addr:#x} (host {host:#x}, {len} bytes): address, host address and length \
-                 must be non-zero multiples of {unit} bytes"
-            ),
-            TrackError::Overlap { addr, other } => {
-                write!(f, "region {addr:#x} overlaps region {other:#x}")
-            }
-            TrackError::Overflow { addr } => {
-                write!(f, "region {addr:#x} passes the end of the address space")
-            }
-            TrackError::Open { errno } => write!(
-                f,
-                "cannot make a userfaultfd: {errno}{}",
-                if *errno == Errno::NOSYS {
-                    " (the kernel has no userfaultfd, or a seccomp filter refuses it)"
-                } else {
-                    ""
-                }
-            ),
-            TrackError::Privilege {
-                syscall,
-                device,
-                unprivileged_userfaultfd,
-                sync,
-            } => {
-                write!(
-                    f,
-                    "a userfaultfd that sees kernel faults is refused to this process: \
-                     userfaultfd(2): {syscall}"
-                )?;
-                if let Some(v) = unprivileged_userfaultfd {
-                    write!(
-                        f,
-                        " (vm.unprivileged_userfaultfd is {v}, and the process lacks CAP_SYS_PTRACE)"
-                    )?;
-                }
-                write!(
-                    f,
-                    ", /dev/userfaultfd: {device}. An unprivileged process only gets user-mode \
-                     faults (UFFD_USER_MODE_ONLY), which miss the writes the kernel makes on its \
-                     behalf (read(2) into the memory, KVM's writes for a guest)"
-                )?;
-                if *sync {
-                    write!(
-                        f,
-                        ": with synchronous write-protection those writes would fail with EFAULT. \
-                         Track asynchronously (UFFD_FEATURE_WP_ASYNC, Linux 6.7, where the kernel \
-                         resolves its own writes), run with CAP_SYS_PTRACE or access to \
-                         /dev/userfaultfd, or accept Privilege::UserModeOnly"
-                    )
-                } else {
-                    write!(
-                        f,
-                        "; with asynchronous write-protection they are still seen: use \
-                         Privilege::Auto"
-                    )
-                }
-            }
-            TrackError::Unsupported { missing, offered } => write!(
-                f,
-                "this kernel cannot track writes: {missing} (userfaultfd features offered: {:#x})",
-                offered.bits()
-            ),
-            TrackError::Register {
-                addr,
-                host,
-                len,
-                errno,
-                mapping,
-            } => {
-                write!(
-                    f,
-                    "cannot register region {addr:#x} (host {host:#x}-{:#x}) with userfaultfd: \
-                     {errno}: ",
-                    host + len
-                )?;
-                match *errno {
-                    Errno::BUSY => f.write_str(
-                        "the memory is already registered with another userfaultfd (a range \
-                         belongs to one at a time: another tracker, a background snapshot or a \
-                         lazy restore holds it)",
-                    )?,
-                    Errno::INVAL => f.write_str(
-                        "this memory cannot be write-protected by userfaultfd (synchronous \
-                         write-protection works on private anonymous memory, memfd/shmem and \
-                         hugetlbfs, in whole huge pages for hugetlb, not on files of other \
-                         file systems; asynchronous on any mapping but MAP_DROPPABLE memory)",
-                    )?,
-                    Errno::PERM => f.write_str(
-                        "a shared mapping that may never be written (its file was opened \
-                         read-only, or a write-sealed memfd)",
-                    )?,
-                    Errno::NOMEM => f.write_str("part of the range is not mapped")?,
-                    _ => f.write_str("refused")?,
-                }
-                if !mapping.is_empty() {
-                    write!(f, "; mapped there: {mapping}")?;
-                }
-                Ok(())
-            }
-            TrackError::Protect {
-                addr,
-                host,
-                len,
-                errno,
-            } => write!(
-                f,
-                "cannot change the write-protection of region {addr:#x} at host {host:#x}-{:#x}: \
-                 {errno}",
-                host + len
-            ),
-            TrackError::Scan { addr, host, errno } => {
-                write!(
-                    f,
-                    "PAGEMAP_SCAN of region {addr:#x} at host {host:#x}: {errno}"
-                )?;
-                if *errno == Errno::PERM {
-                    f.write_str(
-                        " (part of it is no longer registered with asynchronous write-protection: \
-                         unmapped and mapped again?)",
-                    )?;
-                }
-                Ok(())
-            }
-            TrackError::Lost { host, end, by } => {
-                write!(f, "tracking of host memory {host:#x}-{end:#x} was lost: ")?;
-                match by {
-                    LostBy::Discard => f.write_str(
-                        "pages were discarded (madvise), which drops their write-protection",
-                    )?,
-                    LostBy::Unmap => f.write_str("the memory was unmapped")?,
-                    LostBy::Remap => f.write_str("the memory was moved by mremap(2)")?,
-                    LostBy::Unprotect(e) => write!(f, "lifting a page's protection failed: {e}")?,
-                    LostBy::Handler(e) => write!(f, "the fault handler thread failed: {e}")?,
-                    LostBy::Unexpected(ev) => write!(f, "unexpected userfaultfd event {ev:#x}")?,
-                }
-                f.write_str("; take a full snapshot and start tracking again")
-            }
-            TrackError::NotTracked { addr, pages } => write!(
-                f,
-                "{pages} pages from {addr:#x} are not within one tracked region"
-            ),
-            TrackError::System { what, errno } => write!(f, "cannot {what}: {errno}"),
-        }
-    }
-}
-
-impl std::error::Error for TrackError {}
 
 /// A region as tracked: checked, with its page counts.
 #[derive(Debug, Clone)]
