@@ -609,8 +609,8 @@ unsafe impl<const OPCODE: Opcode> Ioctl for IntRet<OPCODE> {
 /// What `UFFDIO_API` granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UffdApi {
-    /// The features granted (all those asked for; the call fails otherwise). When asked
-    /// for none, the features the kernel offers.
+    /// The features the kernel offers: it reports all it supports, not only those asked
+    /// for (which are all granted, or the call fails).
     pub features: UffdFeatures,
     /// The calls the descriptor supports (`UFFDIO_REGISTER`, `UFFDIO_UNREGISTER`,
     /// `UFFDIO_API`).
@@ -732,8 +732,9 @@ impl Uffd {
         Ok(Uffd { fd })
     }
 
-    /// `ioctl(uffd, UFFDIO_API, {UFFD_API, features})`: makes the descriptor usable,
-    /// asking for `features`, and returns what was granted. Called once per descriptor;
+    /// `ioctl(uffd, UFFDIO_API, {UFFD_API, features})`: makes the descriptor usable with
+    /// `features` (all granted, or the call fails), and returns the features the kernel
+    /// offers and the calls the descriptor supports. Called once per descriptor;
     /// to learn what the kernel offers, ask for no feature on a descriptor made for that
     /// and closed after ([`query_features`](Self::query_features) does).
     ///

@@ -313,6 +313,40 @@ fn the_first_plan_leaves_out_never_touched_pages() {
     }
 }
 
+/// As on kernels before 6.4 (no `WP_UNPOPULATED`): anonymous regions are populated for
+/// reading before the protection, so the first write to a never-touched page is still
+/// seen (and, asynchronously, never-touched pages are not reported as written); the first
+/// plan still leaves such pages out.
+#[test]
+fn without_wp_unpopulated_untouched_pages_are_still_watched() {
+    let test = "without_wp_unpopulated_untouched_pages_are_still_watched";
+    for (sync, avoid_scan) in [(false, false), (true, false), (true, true)] {
+        let mut m = anon(64);
+        for p in 0..4 {
+            write_page(&mut m, p, 1);
+        }
+        let mut opts = options(sync);
+        opts.avoid |= Avoid::WP_UNPOPULATED;
+        if avoid_scan {
+            opts.avoid |= Avoid::PAGEMAP_SCAN;
+        }
+        let Some(mut t) = start_with(test, &[TrackRegion::of(ADDR, &m[..])], &opts) else {
+            return;
+        };
+        assert!(!t.info().features.contains(UffdFeatures::WP_UNPOPULATED));
+        assert_eq!(pages_in(&t.full_plan(), ADDR, 64), (0..4).collect());
+        write_page(&mut m, 40, 1);
+        let plan = t.take().unwrap();
+        assert_eq!(
+            pages_in(&plan, ADDR, 64),
+            BTreeSet::from([40]),
+            "sync: {sync}"
+        );
+        let never: BTreeSet<u64> = (4..64).filter(|&p| p != 40).collect();
+        assert_covers(&plan, ADDR, 64, &never);
+    }
+}
+
 /// Full snapshot from the first plan, incremental snapshot from `take`, restore through
 /// the chain: byte for byte the memory.
 #[test]

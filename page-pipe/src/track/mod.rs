@@ -219,11 +219,11 @@ impl TrackRegion {
         Self::new(addr, mem.as_ptr(), mem.len())
     }
 
-    /// Tracks (and, in the synchronous mode, lifts protection) in units of `bytes`, a
-    /// power of two multiple of the page size that divides the host address and length:
-    /// 2 MiB keeps transparent huge pages whole in the synchronous mode. Pages are still
-    /// reported one by one, a whole unit at a time. hugetlb memory always uses its huge
-    /// page size.
+    /// In the synchronous mode, lifts protection and records writes in units of `bytes`
+    /// (a whole unit at its first write), a power of two multiple of the page size that
+    /// divides the host address and the length: 2 MiB keeps transparent huge pages whole.
+    /// The asynchronous mode records pages one by one whatever the unit (the kernel lifts
+    /// the protection). hugetlb memory always uses its huge page size. 0: the page size.
     pub fn with_granule(mut self, bytes: usize) -> Self {
         self.granule = bytes;
         self
@@ -350,7 +350,7 @@ pub struct TrackInfo {
     pub user_mode_only: bool,
     /// Where the userfaultfd came from.
     pub via: Via,
-    /// The userfaultfd features granted.
+    /// The userfaultfd features asked for (and granted).
     pub features: UffdFeatures,
 }
 
@@ -683,15 +683,15 @@ impl Tracker {
                         | UffdFeatures::EVENT_REMAP)
             }
         }
-        let api = uffd
-            .api(want)
+        // It grants all of `want` or fails (and reports every feature it offers).
+        uffd.api(want)
             .map_err(sys("ask UFFDIO_API for the tracking features"))?;
         let uffd = Arc::new(uffd);
         let info = TrackInfo {
             method,
             user_mode_only,
             via,
-            features: api.features,
+            features: want,
         };
 
         let mut t = Tracker {
@@ -772,7 +772,7 @@ impl Tracker {
 
         // Before WP_UNPOPULATED, anonymous pages never populated cannot be protected:
         // map the zero page there first.
-        if !api.features.contains(UffdFeatures::WP_UNPOPULATED) {
+        if !want.contains(UffdFeatures::WP_UNPOPULATED) {
             for r in t.regions.iter().filter(|r| r.anon) {
                 page_pipe_sys::populate_read(r.host, r.len).map_err(|errno| {
                     TrackError::System {
@@ -799,30 +799,38 @@ impl Tracker {
             protect(&t.uffd, r, r.host, r.len, true)?;
         }
 
-        // Pages populated while we registered and protected count as populated.
-        if opts.leave_out_untouched {
-            let presence = match &t.engine {
-                Engine::Async(a) => scan::Presence::new(Some(a.pagemap()), true),
-                _ => scan::Presence::new(pagemap.as_ref(), scan_ok),
+        // Pages populated while we registered and protected count as populated. (Not
+        // where the regions were populated for reading and only /proc/self/pagemap can
+        // tell: it hides the zero page's frame number, so every page would count. There,
+        // pages first written while `start` runs count as never touched: the first plan
+        // is exact only with the writers paused, as a snapshot needs anyway.)
+        let zero_page_hidden = !want.contains(UffdFeatures::WP_UNPOPULATED)
+            && matches!(t.engine, Engine::Sync(_))
+            && !scan_ok;
+        let presence = match &t.engine {
+            Engine::Async(a) => scan::Presence::new(Some(a.pagemap()), true),
+            _ => scan::Presence::new(pagemap.as_ref(), scan_ok),
+        };
+        for (i, r) in t.regions.iter().enumerate() {
+            let Some(bits) = populated[i].as_mut() else {
+                continue;
             };
-            for (i, r) in t.regions.iter().enumerate() {
-                if let Some(bits) = populated[i].as_mut() {
-                    presence
-                        .populated(r, bits, false)
-                        .map_err(|errno| TrackError::Scan {
-                            addr: r.addr,
-                            host: r.host,
-                            errno,
-                        })?;
-                    let mut never = new_bitmap(r.pages);
-                    for_each_run(bits, r.pages, |s, e, set| {
-                        if !set {
-                            set_range(&mut never, s, e);
-                        }
-                    });
-                    t.untouched[i] = Some(never);
-                }
+            if !zero_page_hidden {
+                presence
+                    .populated(r, bits, false)
+                    .map_err(|errno| TrackError::Scan {
+                        addr: r.addr,
+                        host: r.host,
+                        errno,
+                    })?;
             }
+            let mut never = new_bitmap(r.pages);
+            for_each_run(bits, r.pages, |s, e, set| {
+                if !set {
+                    set_range(&mut never, s, e);
+                }
+            });
+            t.untouched[i] = Some(never);
         }
         Ok(t)
     }
