@@ -203,6 +203,19 @@ fn plans_are_in_snapshot_addresses_over_several_regions() {
     }
 }
 
+/// No region: nothing to protect, and plans are empty.
+#[test]
+fn a_tracker_of_no_region_has_empty_plans() {
+    for sync in [false, true] {
+        let Some(mut t) = start("a_tracker_of_no_region_has_empty_plans", &[], sync) else {
+            return;
+        };
+        assert!(t.full_plan().is_empty());
+        assert!(t.take().unwrap().is_empty());
+        t.stop().unwrap();
+    }
+}
+
 #[test]
 fn a_tracker_can_move_to_another_thread() {
     fn send<T: Send>() {}

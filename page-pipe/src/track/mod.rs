@@ -582,10 +582,7 @@ impl Tracker {
             errno,
         });
         let scan_ok = !opts.avoid.contains(Avoid::PAGEMAP_SCAN)
-            && match (&pagemap, regions.first()) {
-                (Ok(pm), Some(r)) => scan::probe(pm, r.host, ps).is_ok(),
-                _ => false,
-            };
+            && pagemap.as_ref().is_ok_and(|pm| scan::probe(pm, ps).is_ok());
 
         // Which userfaultfd, and which method.
         let choose = |offered: UffdFeatures| -> Result<Method, TrackError> {
@@ -708,10 +705,9 @@ impl Tracker {
         };
         // From here on, dropping `t` unwinds whatever was done.
 
-        let maps = maps::read_maps().map_err(|e| TrackError::System {
-            what: "read /proc/self/maps",
-            errno: io_errno(&e),
-        })?;
+        // Without /proc/self/maps no region counts as private anonymous memory: its first
+        // plan is then every page, which is never wrong.
+        let maps = maps::read_maps().unwrap_or_default();
         for r in &mut t.regions {
             r.anon = maps::all_anon_private(&maps, r.host, r.end());
         }

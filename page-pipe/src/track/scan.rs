@@ -14,8 +14,10 @@ use super::{Region, TrackError};
 /// never protected in part), and goes on from there.
 const OUT_LEN: usize = 8192;
 
-/// One `PAGEMAP_SCAN` of one page at `host`, matching nothing: whether the call exists.
-pub(crate) fn probe(pm: &Pagemap, host: usize, ps: usize) -> Result<(), Errno> {
+/// One `PAGEMAP_SCAN` of one page of this thread's stack: whether the call exists.
+pub(crate) fn probe(pm: &Pagemap, ps: usize) -> Result<(), Errno> {
+    let here = 0u8;
+    let host = std::ptr::addr_of!(here) as usize / ps * ps;
     let mut arg = PmScanArg::new(host as u64, (host + ps) as u64);
     let mut out = [PageRegion::default(); 1];
     pm.scan(&mut arg, &mut out).map(drop)
