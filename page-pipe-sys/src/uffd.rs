@@ -10,7 +10,8 @@
 //! `UFFD_FEATURE_WP_UNPOPULATED` (6.4) and `PAGEMAP_SCAN`, and the `userfaultfd` crate
 //! generates its bindings with bindgen at build time, which needs libclang (not installed
 //! here); it also lacks `WP_ASYNC`. The ABI is small and stable (the kernel only adds to
-//! it), so it is declared here, with rustix's `ioctl` helpers making the calls.
+//! it), so it is declared here, with rustix's `ioctl` helpers making the calls. The system
+//! call itself is rustix's `mm::userfaultfd`, so `libc` is not needed either.
 //!
 //! # What is `unsafe`
 //!
@@ -768,13 +769,23 @@ impl Uffd {
         })
     }
 
-    /// Opens a userfaultfd with `flags` ([`open`](Self::open), else
-    /// [`open_dev`](Self::open_dev) when `open` says `EPERM`), asks `UFFDIO_API` for no
-    /// feature, and returns what the kernel offers. The descriptor is closed again.
+    /// `userfaultfd(O_CLOEXEC | flags)` (or `/dev/userfaultfd` when that says `EPERM`),
+    /// then `ioctl(uffd, UFFDIO_API, {UFFD_API, 0})`: the features the kernel offers and
+    /// the calls a userfaultfd supports. The descriptor is closed again.
+    ///
+    /// ```
+    /// use page_pipe_sys::{Uffd, UffdFeatures, UffdFlags};
+    /// if let Ok(api) = Uffd::query_features(UffdFlags::USER_MODE_ONLY) {
+    ///     println!("WP_ASYNC offered: {}", api.features.contains(UffdFeatures::WP_ASYNC));
+    /// }
+    /// ```
     ///
     /// # Errors
     /// As [`open`](Self::open) (the errno of `open`, not of the device, when both fail)
     /// and [`api`](Self::api).
+    ///
+    /// # References
+    /// - [`ioctl_userfaultfd(2)`](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html), `UFFDIO_API`
     pub fn query_features(flags: UffdFlags) -> Result<UffdApi> {
         let uffd = match Uffd::open(flags) {
             Ok(u) => u,

@@ -478,6 +478,15 @@ fn hold(mem: &[u8]) -> Uffd {
     u
 }
 
+/// Whether `mem` is free to register with a user-mode-only userfaultfd (what an
+/// unprivileged process may make).
+fn registrable_user_mode(mem: &[u8]) -> bool {
+    let u = Uffd::open(UffdFlags::NONBLOCK | UffdFlags::USER_MODE_ONLY).unwrap();
+    u.api(UffdFeatures::PAGEFAULT_FLAG_WP).unwrap();
+    u.register(mem.as_ptr() as usize, mem.len(), RegisterMode::WP)
+        .is_ok()
+}
+
 /// Whether `mem` is free to register (so no userfaultfd holds it any more).
 fn registrable(mem: &[u8]) -> bool {
     let u = Uffd::open(UffdFlags::NONBLOCK).unwrap();
@@ -589,14 +598,10 @@ fn a_file_mapping_is_einval_in_sync_mode_and_tracked_async() {
     );
 }
 
-/// `MAP_DROPPABLE` memory (6.11), which the kernel may drop at any time: no userfaultfd
-/// registers it, in either mode.
-#[test]
-fn droppable_memory_is_einval_in_both_modes() {
-    let test = "droppable_memory_is_einval_in_both_modes";
-    let len = 8 * ps();
-    // SAFETY: a new mapping at an address the kernel picks; unmapped below, never read
-    // as a Rust reference.
+/// A new `MAP_DROPPABLE` mapping of `len` bytes (6.11), or `None` after saying why not.
+fn droppable(len: usize) -> Option<(*const u8, usize)> {
+    // SAFETY: a new mapping at an address the kernel picks; the caller unmaps it and never
+    // reads it as a Rust reference.
     let at = unsafe {
         rustix::mm::mmap_anonymous(
             std::ptr::null_mut(),
@@ -608,8 +613,10 @@ fn droppable_memory_is_einval_in_both_modes() {
     let at = match at {
         Ok(at) => at,
         Err(e) => {
-            eprintln!("SKIPPED {test}: no MAP_DROPPABLE here ({e}; Linux 6.11 added it)");
-            return;
+            eprintln!(
+                "SKIPPED (droppable memory): no MAP_DROPPABLE here ({e}; Linux 6.11 added it)"
+            );
+            return None;
         }
     };
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
@@ -619,27 +626,39 @@ fn droppable_memory_is_einval_in_both_modes() {
         .find(|l| l.starts_with("VmFlags:"))
         .unwrap_or_default();
     if flags.split_whitespace().all(|f| f != "dp") {
-        eprintln!("SKIPPED {test}: the kernel ignored MAP_DROPPABLE ({flags})");
-    } else {
-        for sync in [false, true] {
-            let region = [TrackRegion::new(ADDR, at.cast(), len)];
-            let Some(e) = refusal(&region, sync) else {
-                break;
-            };
-            assert!(
-                matches!(
-                    e,
-                    TrackError::Register {
-                        errno: Errno::INVAL,
-                        ..
-                    }
-                ),
-                "sync: {sync}: {e}"
-            );
-        }
+        eprintln!("SKIPPED (droppable memory): the kernel ignored MAP_DROPPABLE ({flags})");
+        // SAFETY: the mapping made above, not used after.
+        unsafe { rustix::mm::munmap(at, len) }.unwrap();
+        return None;
     }
-    // SAFETY: the mapping made above, not used after.
-    unsafe { rustix::mm::munmap(at, len) }.unwrap();
+    Some((at as *const u8, len))
+}
+
+/// `MAP_DROPPABLE` memory (6.11), which the kernel may drop at any time: no userfaultfd
+/// registers it, in either mode.
+#[test]
+fn droppable_memory_is_einval_in_both_modes() {
+    let Some((at, len)) = droppable(8 * ps()) else {
+        return;
+    };
+    for sync in [false, true] {
+        let region = [TrackRegion::new(ADDR, at, len)];
+        let Some(e) = refusal(&region, sync) else {
+            break;
+        };
+        assert!(
+            matches!(
+                e,
+                TrackError::Register {
+                    errno: Errno::INVAL,
+                    ..
+                }
+            ),
+            "sync: {sync}: {e}"
+        );
+    }
+    // SAFETY: the mapping `droppable` made, not used after.
+    unsafe { rustix::mm::munmap(at as *mut _, len) }.unwrap();
 }
 
 /// Every path, in a process of its own so the counts are stable: the descriptors and
@@ -689,6 +708,30 @@ fn descriptors_and_threads_are_released_on_every_path() {
         assert_eq!(tasks(), threads);
         drop(other);
         check("EBUSY");
+
+        // EINVAL: MAP_DROPPABLE memory (6.11) as the second region.
+        if let Some((at, len)) = droppable(4 * ps()) {
+            let regions = [
+                TrackRegion::of(ADDR, &m[..]),
+                TrackRegion::new(ADDR + 0x100_0000, at, len),
+            ];
+            // SAFETY: as in `start_with`.
+            let e = unsafe { Tracker::start(&regions, &options(sync)) }.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    TrackError::Register {
+                        errno: Errno::INVAL,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            // SAFETY: the mapping `droppable` made, not used after.
+            unsafe { rustix::mm::munmap(at as *mut _, len) }.unwrap();
+            check("EINVAL");
+            assert!(registrable(&m));
+        }
 
         // A bad region, refused before anything is opened.
         let bad = [TrackRegion::new(ADDR, m.as_ptr().wrapping_add(1), ps())];
@@ -891,6 +934,8 @@ fn unprivileged_kernel_faults_are_refused_with_eperm() {
         eprintln!("SKIPPED: user nobody may have kernel-mode userfaultfds here: {probe}");
         return;
     }
+    // This re-run is a process of its own with one test: counts are stable.
+    let (fds, threads) = (open_fds(), tasks());
     let m = anon(8);
     let region = [TrackRegion::of(ADDR, &m[..])];
     let full = TrackOptions {
@@ -898,6 +943,7 @@ fn unprivileged_kernel_faults_are_refused_with_eperm() {
         ..TrackOptions::default()
     };
     let e = Tracker::start_async(&region, &full).unwrap_err();
+    assert_eq!((open_fds(), tasks()), (fds, threads), "after {e}");
     match &e {
         TrackError::Privilege {
             syscall,
@@ -922,6 +968,8 @@ fn unprivileged_kernel_faults_are_refused_with_eperm() {
     let e = unsafe { Tracker::start(&region, &options(true)) }.unwrap_err();
     assert!(matches!(e, TrackError::Privilege { sync: true, .. }), "{e}");
     assert!(e.to_string().contains("EFAULT"), "{e}");
+    assert_eq!((open_fds(), tasks()), (fds, threads), "after {e}");
+    assert!(registrable_user_mode(&m), "the region stayed registered");
 }
 
 /// As user nobody: asynchronous tracking runs on a user-mode-only userfaultfd and still
