@@ -1,5 +1,6 @@
-//! Prints the page size, `PIPE_MAX_SIZE`, the pipe limits in force and what `vmsplice`
-//! does on this kernel.
+//! Prints the page size, `PIPE_MAX_SIZE`, the pipe limits in force, what `vmsplice`
+//! does on this kernel, and which userfaultfd and `PAGEMAP_SCAN` facilities it offers this
+//! process (for dirty tracking).
 //!
 //! ```text
 //! cargo run --release -p page-pipe-sys --example limits
@@ -54,6 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     );
     println!("{}", probe_vmsplice()?);
+    println!("{}", page_pipe_sys::probe_userfaultfd());
     Ok(())
 }
 

@@ -11,7 +11,10 @@
 //! changed between the snapshots (default 10), `--dir DIR` (default `./snapshots`),
 //! `--single-pass` (no chunk mode), `--copy` (capture with write(2), not vmsplice),
 //! `--drain pipes|memory|auto` (default `pipes`, to show the capture: the library's
-//! default, `auto`, writes image files straight from memory, which measured as fast).
+//! default, `auto`, writes image files straight from memory, which measured as fast),
+//! `--tracker auto|sync|off` (how the incremental snapshot learns which pages changed:
+//! a `Tracker`, asynchronous where the kernel allows, or forced synchronous; `off` uses
+//! the dirtying pattern, as the demo does anyway where tracking is unavailable).
 
 use std::fmt;
 use std::io::Write;
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 use memmap2::MmapOptions;
 use page_pipe::image::{Image, ImageWriter, PageFlags, PagemapEntry};
 use page_pipe::snapshot::{Drain, SnapshotOptions, SnapshotReport, Span, snapshot, spans_from};
+use page_pipe::track::{Avoid, Method, TrackOptions, TrackRegion, Tracker};
 use page_pipe::{BufFlags, CaptureMode, HoleFlags, Source};
 
 /// An error for the one line the demo prints before it exits.
@@ -44,7 +48,7 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Fail> {
 }
 
 const USAGE: &str =
-    "usage: snapshot [--size SIZE] [--dirty PERCENT] [--dir DIR] [--single-pass] [--copy]
+    "usage: snapshot [--size SIZE] [--dirty PERCENT] [--dir DIR] [--single-pass] [--copy] [--tracker auto|sync|off]
        snapshot inspect DIR
        snapshot extract DIR --vaddr ADDR --pages N --out FILE";
 
@@ -150,10 +154,16 @@ fn dirty(i: u64, percent: f64) -> bool {
 fn demo(args: &[String]) -> Result<(), Fail> {
     let mut a = Args { rest: args };
     a.check(
-        &["--size", "--dirty", "--dir", "--drain"],
+        &["--size", "--dirty", "--dir", "--drain", "--tracker"],
         &["--single-pass", "--copy"],
         0,
     )?;
+    let track = match a.value("--tracker")?.unwrap_or("auto") {
+        "auto" => Some(Avoid::empty()),
+        "sync" => Some(Avoid::WP_ASYNC),
+        "off" => None,
+        other => return fail(format!("--tracker takes auto, sync or off, not {other:?}")),
+    };
     let drain = match a.value("--drain")?.unwrap_or("pipes") {
         "pipes" => Drain::Pipes,
         "memory" => Drain::Memory,
@@ -230,6 +240,23 @@ fn demo(args: &[String]) -> Result<(), Fail> {
         (r, w.finish()?)
     };
 
+    // Track writes from here on, so that the incremental snapshot learns what changed
+    // from the kernel, not from the dirtying pattern.
+    let mut tracker = match track {
+        None => Err("--tracker off".to_string()),
+        Some(avoid) => {
+            let opts = TrackOptions {
+                avoid,
+                ..TrackOptions::default()
+            };
+            let region = [TrackRegion::of(base, &mem[..])];
+            // SAFETY: `mem` is the demo's own anonymous mapping: no heap, stack, lock or
+            // word the kernel maintains lives in it; only this thread writes it, holding
+            // nothing the handler thread needs, and no signal handler writes it.
+            unsafe { Tracker::start(&region, &opts) }.map_err(|e| e.to_string())
+        }
+    };
+
     // Change some pages, then snapshot 2: the changed pages, the rest in the parent.
     let mut changed = 0u64;
     for (i, page) in mem.chunks_exact_mut(ps).enumerate() {
@@ -238,20 +265,52 @@ fn demo(args: &[String]) -> Result<(), Fail> {
             changed += 1;
         }
     }
+    let plan: Vec<Span> = match &mut tracker {
+        Ok(t) => {
+            let plan = t.take()?;
+            // The tracker's set against what the demo dirtied: all of it, and with
+            // asynchronous tracking exactly that.
+            let mut found = vec![false; pages as usize];
+            for s in &plan {
+                if let Span::Pages { addr, pages: n, .. } = *s {
+                    let first = (addr - base) / ps as u64;
+                    found[first as usize..(first + n) as usize].fill(true);
+                }
+            }
+            let exact = t.info().method == Method::Async;
+            for (i, &f) in found.iter().enumerate() {
+                let d = dirty(i as u64, percent);
+                if d && !f {
+                    return fail(format!("the tracker missed dirtied page {i}"));
+                }
+                if exact && f && !d {
+                    return fail(format!("the tracker reported page {i}, never dirtied"));
+                }
+            }
+            let n = found.iter().filter(|&&f| f).count();
+            println!("dirty set: {n} pages from {}", t.info().method);
+            plan
+        }
+        Err(why) => {
+            println!("dirty set: {changed} pages from the dirtying pattern (no tracker: {why})");
+            spans_from(
+                base,
+                pages,
+                ps,
+                |i| dirty(i, percent),
+                BufFlags::empty(),
+                HoleFlags::PARENT,
+            )
+            .collect()
+        }
+    };
     let incr = {
         let source = Source::new().with_slice(base, &mem[..])?;
         let mut w = ImageWriter::create(&d2, 1)?.with_parent(&d1)?;
-        let plan = spans_from(
-            base,
-            pages,
-            ps,
-            |i| dirty(i, percent),
-            BufFlags::empty(),
-            HoleFlags::PARENT,
-        );
         let r = snapshot(&source, plan, &mut w, &opts)?;
         (r, w.finish()?)
     };
+    drop(tracker);
 
     // Restore snapshot 2 through the chain into a fresh mapping and compare.
     let mut fresh = MmapOptions::new()

@@ -43,7 +43,10 @@
 //! otherwise they leave as copies. See [`source`] and [`dump`].
 //!
 //! [`snapshot::snapshot`] runs these steps for a plan of spans; [`image::Image`] reads an
-//! image back through its parent chain.
+//! image back through its parent chain. For incremental snapshots, a
+//! [`track::Tracker`] finds the pages written since the last one (userfaultfd
+//! write-protection), and [`track::plan_from_dirty_log`] turns a dirty bitmap from
+//! elsewhere (KVM's dirty log) into a plan.
 //!
 //! # Thread safety
 //!
@@ -73,6 +76,7 @@ pub mod source;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
+pub mod track;
 mod types;
 
 pub use addr::{PageRange, RangeError};
