@@ -25,7 +25,9 @@ use page_pipe_sys::PipeLimits;
 use crate::backend::{KernelPipes, PipeBackend, PipePool, VirtualPipes};
 use crate::builder::BuildError;
 use crate::capture::{CaptureError, CaptureMode, CapturePath};
-use crate::dump::{Counting, DumpError, DumpReport, DumpSink, MemoryDumpError, SourceBytes};
+use crate::dump::{
+    Counting, DumpError, DumpReport, DumpSink, MemoryDumpError, PageBytes, SourceBytes,
+};
 use crate::mode::{Mode, OwnIovs};
 use crate::page_pipe::{AddError, Outcome, PagePipe};
 use crate::progress::{ProgressFn, Throttle};
@@ -214,8 +216,27 @@ pub fn snapshot<S: DumpSink + ?Sized>(
     sink: &mut S,
     opts: &SnapshotOptions,
 ) -> Result<SnapshotReport, SnapshotError> {
+    with_progress(&mut Feed::Source(source), plan, sink, opts)
+}
+
+/// [`snapshot`] from any feed; a feed of bytes always goes straight from memory.
+pub(crate) fn snapshot_feed<S: DumpSink + ?Sized>(
+    feed: &mut Feed<'_, '_>,
+    plan: impl IntoIterator<Item = Span>,
+    sink: &mut S,
+    opts: &SnapshotOptions,
+) -> Result<SnapshotReport, SnapshotError> {
+    with_progress(feed, plan, sink, opts)
+}
+
+fn with_progress<S: DumpSink + ?Sized>(
+    feed: &mut Feed<'_, '_>,
+    plan: impl IntoIterator<Item = Span>,
+    sink: &mut S,
+    opts: &SnapshotOptions,
+) -> Result<SnapshotReport, SnapshotError> {
     if opts.progress.is_none() {
-        return snapshot_into(source, plan, sink, opts);
+        return snapshot_into(feed, plan, sink, opts);
     }
     // The plan's pages, for the total: spans are few, so collecting them is cheap.
     let plan: Vec<Span> = plan.into_iter().collect();
@@ -231,21 +252,22 @@ pub fn snapshot<S: DumpSink + ?Sized>(
         sink,
         throttle: &mut throttle,
     };
-    let report = snapshot_into(source, plan, &mut counting, opts)?;
+    let report = snapshot_into(feed, plan, &mut counting, opts)?;
     throttle.finish();
     Ok(report)
 }
 
 fn snapshot_into<S: DumpSink + ?Sized>(
-    source: &Source<'_>,
+    feed: &mut Feed<'_, '_>,
     plan: impl IntoIterator<Item = Span>,
     sink: &mut S,
     opts: &SnapshotOptions,
 ) -> Result<SnapshotReport, SnapshotError> {
-    let memory = match opts.drain {
-        Drain::Auto => sink.prefers_memory(source.is_sealed()),
-        Drain::Pipes => false,
-        Drain::Memory => true,
+    let memory = match (feed as &Feed<'_, '_>, opts.drain) {
+        (Feed::Bytes(_), _) => true,
+        (Feed::Source(source), Drain::Auto) => sink.prefers_memory(source.is_sealed()),
+        (Feed::Source(_), Drain::Pipes) => false,
+        (Feed::Source(_), Drain::Memory) => true,
     };
     let limits = *PipeLimits::get().map_err(|e| SnapshotError::Build(BuildError::Limits(e)))?;
     let mut run = Run {
@@ -267,16 +289,24 @@ fn snapshot_into<S: DumpSink + ?Sized>(
         mode: opts.capture,
     };
     if memory {
-        run.start(VirtualPipes::new(limits), source, plan, sink, opts)?;
+        run.start(VirtualPipes::new(limits), feed, plan, sink, opts)?;
         run.report.pipes_made = 0;
     } else {
         let mut backend = KernelPipes::with_limits(limits);
         if let Some(pool) = &opts.pool {
             backend = backend.with_pool(Arc::clone(pool));
         }
-        run.start(backend, source, plan, sink, opts)?;
+        run.start(backend, feed, plan, sink, opts)?;
     }
     Ok(run.report)
+}
+
+/// Where the pages of a snapshot come from.
+pub(crate) enum Feed<'a, 'm> {
+    /// A source's memory: captured into pipes, or read from memory.
+    Source(&'a Source<'m>),
+    /// A provider of bytes (a live snapshot's memory, pages saved aside): from memory only.
+    Bytes(&'a mut dyn PageBytes),
 }
 
 /// How a drain moves bytes: through pipes or from memory. The page pipe decides the rest.
@@ -285,7 +315,7 @@ trait Mover: PipeBackend + Sized {
     fn drain<M: Mode, S: DumpSink + ?Sized>(
         pp: PagePipe<M, OwnIovs, Self>,
         run: &mut Run,
-        source: &Source<'_>,
+        feed: &mut Feed<'_, '_>,
         sink: &mut S,
     ) -> Result<PagePipe<M, OwnIovs, Self>, SnapshotError>;
 }
@@ -294,9 +324,12 @@ impl Mover for KernelPipes {
     fn drain<M: Mode, S: DumpSink + ?Sized>(
         pp: PagePipe<M, OwnIovs, Self>,
         run: &mut Run,
-        source: &Source<'_>,
+        feed: &mut Feed<'_, '_>,
         sink: &mut S,
     ) -> Result<PagePipe<M, OwnIovs, Self>, SnapshotError> {
+        let Feed::Source(source) = feed else {
+            unreachable!("only sources are captured into pipes")
+        };
         let t = Instant::now();
         let mut captured = pp
             .capture_with(source, run.mode)
@@ -317,15 +350,22 @@ impl Mover for VirtualPipes {
     fn drain<M: Mode, S: DumpSink + ?Sized>(
         mut pp: PagePipe<M, OwnIovs, Self>,
         run: &mut Run,
-        source: &Source<'_>,
+        feed: &mut Feed<'_, '_>,
         sink: &mut S,
     ) -> Result<PagePipe<M, OwnIovs, Self>, SnapshotError> {
         let t = Instant::now();
-        let mut bytes = SourceBytes {
-            source,
-            iovs: Iovs::new(),
+        let mut from_source;
+        let bytes: &mut dyn PageBytes = match feed {
+            Feed::Source(source) => {
+                from_source = SourceBytes {
+                    source,
+                    iovs: Iovs::new(),
+                };
+                &mut from_source
+            }
+            Feed::Bytes(b) => &mut **b,
         };
-        let done = pp.dump_from(&mut bytes, sink).map_err(|e| match e {
+        let done = pp.dump_from(bytes, sink).map_err(|e| match e {
             MemoryDumpError::NotCovered(addr) => {
                 SnapshotError::Capture(CaptureError::NotCovered { addr })
             }
@@ -347,7 +387,7 @@ impl Run {
     fn start<B: Mover, S: DumpSink + ?Sized>(
         &mut self,
         backend: B,
-        source: &Source<'_>,
+        feed: &mut Feed<'_, '_>,
         plan: impl IntoIterator<Item = Span>,
         sink: &mut S,
         opts: &SnapshotOptions,
@@ -365,13 +405,13 @@ impl Run {
                 .iov_budget(opts.iov_budget)
                 .build_with(backend)
                 .map_err(SnapshotError::Build)?;
-            self.go(pp, source, plan, sink)
+            self.go(pp, feed, plan, sink)
         } else {
             let pp = b
                 .iov_budget(opts.iov_budget)
                 .build_with(backend)
                 .map_err(SnapshotError::Build)?;
-            self.go(pp, source, plan, sink)
+            self.go(pp, feed, plan, sink)
         }
     }
 
@@ -380,7 +420,7 @@ impl Run {
     fn go<M: Mode, B: Mover, S: DumpSink + ?Sized>(
         &mut self,
         mut pp: PagePipe<M, OwnIovs, B>,
-        source: &Source<'_>,
+        feed: &mut Feed<'_, '_>,
         plan: impl IntoIterator<Item = Span>,
         sink: &mut S,
     ) -> Result<(), SnapshotError> {
@@ -417,7 +457,7 @@ impl Run {
                         }
                         self.report.add_time += t.elapsed();
                         self.report.pipes_made = self.report.pipes_made.max(pp.stats().pipes_made);
-                        pp = B::drain(pp, self, source, sink)?;
+                        pp = B::drain(pp, self, feed, sink)?;
                         self.report.chunks += 1;
                         t = Instant::now();
                         stuck = added == 0;
@@ -427,7 +467,7 @@ impl Run {
         }
         self.report.add_time += t.elapsed();
         self.report.pipes_made = self.report.pipes_made.max(pp.stats().pipes_made);
-        B::drain(pp, self, source, sink)?;
+        B::drain(pp, self, feed, sink)?;
         self.report.chunks += 1;
         Ok(())
     }

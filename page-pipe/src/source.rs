@@ -558,6 +558,16 @@ impl<'a> Chunk<'a> {
         Chunk(ChunkKind::Bytes(b))
     }
 
+    /// A chunk of `iov.len` bytes at `iov.base`, which others may write meanwhile: only
+    /// the kernel or a volatile copy reads it.
+    ///
+    /// # Safety
+    /// - the bytes stay mapped and readable while `'a` lasts;
+    /// - no Rust code holds a reference to them that assumes they do not change.
+    pub(crate) unsafe fn raw(iov: RawIov) -> Self {
+        Chunk(ChunkKind::Raw(iov, PhantomData))
+    }
+
     /// The length in bytes.
     pub fn len(&self) -> usize {
         match self.0 {

@@ -19,6 +19,9 @@ pub enum LostBy {
     Handler(Errno),
     /// An event the tracker did not ask for.
     Unexpected(u8),
+    /// A background snapshot failed part way: the tracker was stopped with it, since the
+    /// next incremental snapshot would have no whole parent.
+    Snapshot,
 }
 
 /// Why tracking could not start or go on. Errors name the region by its snapshot address
@@ -326,6 +329,7 @@ impl fmt::Display for TrackError {
                         write!(f, "the fault handler thread failed: {}", Name(*e))?
                     }
                     LostBy::Unexpected(ev) => write!(f, "unexpected userfaultfd event {ev:#x}")?,
+                    LostBy::Snapshot => f.write_str("a background snapshot failed part way")?,
                 }
                 f.write_str("; take a full snapshot and start tracking again")
             }

@@ -12,12 +12,13 @@
 //! handled before any take that starts after that call returned.
 
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use page_pipe_sys::{Errno, PagefaultFlags, Uffd, UffdEvent, WriteProtectMode};
 
 use super::bitmap::{for_each_run, new_bitmap, set_range};
+use super::live::{LiveState, save_page};
 use super::{LostBy, Region, TrackError};
 
 #[derive(Debug, Clone, Copy)]
@@ -31,26 +32,36 @@ struct HostRegion {
 }
 
 #[derive(Debug)]
-struct State {
+pub(super) struct State {
     /// Pages written since the last take, per region (tracker order).
     dirty: Vec<Vec<u64>>,
     faults: u64,
     lost: Option<TrackError>,
+    /// A background snapshot in progress: which pages it still needs, which it is
+    /// reading, and the pages saved aside for it.
+    pub(super) live: Option<LiveState>,
 }
 
 #[derive(Debug)]
-struct Shared {
+pub(super) struct Shared {
     uffd: Arc<Uffd>,
     /// Sorted by host address.
     regions: Vec<HostRegion>,
     ps: usize,
     state: Mutex<State>,
+    /// Signalled when a background snapshot has finished reading pages or freed saved
+    /// copies, or ended: a fault waiting for either goes on.
+    pub(super) changed: Condvar,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         // The lock guards plain data; a panic while holding it leaves it usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(st).unwrap_or_else(|e| e.into_inner())
     }
 
     fn lose(st: &mut State, host: u64, end: u64, by: LostBy) {
@@ -68,36 +79,55 @@ impl Shared {
     }
 
     /// Reads the events queued (without waiting) and handles them, until none is left.
-    fn drain(&self, st: &mut State, events: &mut Vec<UffdEvent>) -> Result<(), Errno> {
+    fn drain<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        events: &mut Vec<UffdEvent>,
+    ) -> (MutexGuard<'a, State>, Result<(), Errno>) {
         loop {
             events.clear();
             match self.uffd.read_events(events, 64) {
                 Ok(_) => {}
-                Err(Errno::AGAIN) => return Ok(()),
+                Err(Errno::AGAIN) => return (st, Ok(())),
                 Err(Errno::INTR) => continue,
-                Err(e) => return Err(e),
+                Err(e) => return (st, Err(e)),
             }
             for ev in events.drain(..) {
-                self.on_event(st, ev);
+                st = self.on_event(st, ev);
             }
         }
     }
 
-    fn on_event(&self, st: &mut State, ev: UffdEvent) {
+    fn on_event<'a>(&'a self, mut st: MutexGuard<'a, State>, ev: UffdEvent) -> MutexGuard<'a, State> {
         match ev {
-            UffdEvent::Pagefault { flags, address, .. } => self.on_fault(st, flags, address),
-            UffdEvent::Remove { start, end } => Self::lose(st, start, end, LostBy::Discard),
-            UffdEvent::Unmap { start, end } => Self::lose(st, start, end, LostBy::Unmap),
-            UffdEvent::Remap { from, len, .. } => Self::lose(st, from, from + len, LostBy::Remap),
+            UffdEvent::Pagefault { flags, address, .. } => {
+                return self.on_fault(st, flags, address);
+            }
+            UffdEvent::Remove { start, end } => Self::lose(&mut st, start, end, LostBy::Discard),
+            UffdEvent::Unmap { start, end } => Self::lose(&mut st, start, end, LostBy::Unmap),
+            UffdEvent::Remap { from, len, .. } => {
+                Self::lose(&mut st, from, from + len, LostBy::Remap)
+            }
             UffdEvent::Fork { uffd } => {
                 drop(uffd);
-                Self::lose(st, 0, 0, LostBy::Unexpected(page_pipe_sys::UFFD_EVENT_FORK));
+                Self::lose(
+                    &mut st,
+                    0,
+                    0,
+                    LostBy::Unexpected(page_pipe_sys::UFFD_EVENT_FORK),
+                );
             }
-            UffdEvent::Unknown(m) => Self::lose(st, 0, 0, LostBy::Unexpected(m.event)),
+            UffdEvent::Unknown(m) => Self::lose(&mut st, 0, 0, LostBy::Unexpected(m.event)),
         }
+        st
     }
 
-    fn on_fault(&self, st: &mut State, flags: PagefaultFlags, address: u64) {
+    fn on_fault<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        flags: PagefaultFlags,
+        address: u64,
+    ) -> MutexGuard<'a, State> {
         let ps = self.ps;
         let addr = address as usize;
         let page_start = addr / ps * ps;
@@ -109,17 +139,45 @@ impl Shared {
             // faulting thread waiting.
             let _ = self.uffd.wake(page_start, ps);
             Self::lose(
-                st,
+                &mut st,
                 page_start as u64,
                 (page_start + ps) as u64,
                 LostBy::Unexpected(page_pipe_sys::UFFD_EVENT_PAGEFAULT),
             );
-            return;
+            return st;
         };
         let page = ((addr - r.host) / ps) as u64;
         let first = page / r.granule * r.granule;
         let end = (first + r.granule).min(r.pages);
         let (host, len) = (r.host + first as usize * ps, (end - first) as usize * ps);
+        // A background snapshot that still needs these pages gets their old contents
+        // first; see the ordering in `live`'s module docs.
+        loop {
+            let Some(live) = st.live.as_mut() else { break };
+            if live.reading(r.index, first, end) {
+                // The dump is reading them from memory: wait until it is done, then they
+                // are dumped and need no copy.
+                live.waits += 1;
+                st = self.wait(st);
+                continue;
+            }
+            let need = live.needed(r.index, first, end);
+            if need > 0 && !live.room_for(need) {
+                // The copies saved aside reached their bound: wait for the dump to
+                // write some and free them.
+                live.stalls += 1;
+                st = self.wait(st);
+                continue;
+            }
+            for p in first..end {
+                if live.take_pending(r.index, p) {
+                    let mut buf = live.buffer(ps);
+                    save_page(r.host + p as usize * ps, &mut buf);
+                    live.keep(r.index, p, buf);
+                }
+            }
+            break;
+        }
         set_range(&mut st.dirty[r.index], first, end);
         st.faults += 1;
         loop {
@@ -137,6 +195,7 @@ impl Shared {
                 }
             }
         }
+        st
     }
 
     /// When the handler can serve no more: unregister everything (lifting protection and
@@ -151,7 +210,7 @@ impl Shared {
         let mut events = Vec::with_capacity(64);
         loop {
             let r = match self.uffd.wait(&stop) {
-                Ok(true) => self.drain(&mut self.lock(), &mut events),
+                Ok(true) => self.drain(self.lock(), &mut events).1,
                 Ok(false) => return,
                 Err(e) => Err(e),
             };
@@ -195,7 +254,9 @@ impl SyncEngine {
                 dirty: regions.iter().map(|r| new_bitmap(r.pages)).collect(),
                 faults: 0,
                 lost: None,
+                live: None,
             }),
+            changed: Condvar::new(),
         });
         let pipe = page_pipe_sys::pipe().map_err(|errno| TrackError::System {
             what: "make the handler thread's stop pipe",
@@ -221,6 +282,11 @@ impl SyncEngine {
         self.shared.lock().faults
     }
 
+    /// The state shared with the handler thread.
+    pub(super) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// Moves the pages recorded since the last call into `bits` (all clear on entry), and
     /// protects them again, all under the lock the handler takes per fault.
     pub fn collect(
@@ -230,10 +296,10 @@ impl SyncEngine {
         bits: &mut [Vec<u64>],
         ps: usize,
     ) -> Result<(), TrackError> {
-        let mut st = self.shared.lock();
         // Events queued but not read yet belong before this take.
         let mut events = Vec::new();
-        if let Err(e) = self.shared.drain(&mut st, &mut events) {
+        let (mut st, r) = self.shared.drain(self.shared.lock(), &mut events);
+        if let Err(e) = r {
             Shared::lose(&mut st, 0, 0, LostBy::Handler(e));
         }
         if let Some(e) = &st.lost {

@@ -160,6 +160,7 @@
 mod bitmap;
 mod error;
 mod faults;
+mod live;
 mod maps;
 mod scan;
 
@@ -176,6 +177,7 @@ use crate::types::{BufFlags, HoleFlags};
 
 pub use bitmap::{DirtyLogError, extend_plan_from_dirty_log, plan_from_dirty_log};
 pub use error::{LostBy, TrackError};
+pub use live::{Live, LiveError, LiveKind, LiveOptions, LiveReport};
 
 use bitmap::{for_each_run, new_bitmap, push_plan, push_spans, set_range};
 use error::io_errno;
