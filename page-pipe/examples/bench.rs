@@ -30,6 +30,13 @@
 //! region with a copy; the cost of a first write to a protected page, measured from the
 //! writing thread, in the synchronous fallback and asynchronously; and KVM-style dirty
 //! logs turned into plans at 1% and 50%.
+//!
+//! Then live snapshots (alone with `--live`): the pause of a full live snapshot (start a
+//! synchronous tracker, which protects the region, and begin the snapshot) against the
+//! stop-the-world pause (the whole dump into a new image directory, not synced) and
+//! against a `memcpy` of the region into fresh memory; the pause of an incremental live
+//! snapshot (1% written); the live dump with one writer dirtying a random page every
+//! 10 us against the same dump with no writer; the memory the saved copies took.
 
 #[path = "../benches/workloads/mod.rs"]
 mod workloads;
@@ -148,6 +155,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runs: usize = arg("--runs").map_or(5, |r| r.parse().expect("--runs takes a number"));
     if std::env::args().any(|a| a == "--track") {
         return tracking(size, runs);
+    }
+    if std::env::args().any(|a| a == "--live") {
+        return live(size, runs);
     }
     let r = Region::new(size);
     let (bytes, pages) = (r.bytes(), r.pages);
@@ -642,5 +652,192 @@ fn tracking(size: u64, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     print_track_rows(&rows);
+    Ok(())
+}
+
+/// Live snapshots: see the module docs.
+fn live(size: u64, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use page_pipe::image::ImageWriter;
+    use page_pipe::snapshot::{SnapshotOptions, snapshot};
+    use page_pipe::track::{Avoid, LiveKind, LiveOptions, TrackOptions, TrackRegion, Tracker};
+    use track_workloads::{random_pages, write_pages};
+
+    let mut r = Region::new(size);
+    let (ps, pages, base) = (r.ps, r.pages, r.base());
+    println!(
+        "live snapshots: {} MiB ({pages} pages), live images not synced, median of {runs} runs",
+        r.bytes() >> 20
+    );
+    let dir = std::env::temp_dir().join(format!("page-pipe-bench-live-{}", std::process::id()));
+    let fresh_dir = |name: &str| {
+        let d = dir.join(name);
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    };
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+    let topts = TrackOptions {
+        avoid: Avoid::WP_ASYNC,
+        ..TrackOptions::default()
+    };
+    let lopts = LiveOptions::default();
+
+    // Stop-the-world: the whole dump into a new directory, memory frozen throughout,
+    // with the image synced (the writer's default) and without.
+    let stw_for = |sync: bool| {
+        median(runs, || {
+            let mut w = ImageWriter::create(fresh_dir("stw"), 1)
+                .expect("create")
+                .with_sync(sync);
+            snapshot(&r.source(), r.plan(), &mut w, &SnapshotOptions::default()).expect("snapshot");
+            w.finish().expect("finish");
+        })
+    };
+    let stw = stw_for(true);
+    let stw_nosync = stw_for(false);
+    // A copy of the region into fresh memory (mapping it is not counted).
+    let memcpy_t = timed(runs, || {
+        let mut f = memmap2::MmapOptions::new()
+            .len(r.mem.len())
+            .map_anon()
+            .expect("map");
+        let s = Instant::now();
+        f.copy_from_slice(&r.mem[..]);
+        s.elapsed()
+    });
+
+    // The live snapshot's pause, its quiet dump, and the incremental pause.
+    let base_mem = &r.mem;
+    let mut quiet = Vec::new();
+    let mut incr = Vec::new();
+    let mut peak = 0u64;
+    let pause = timed(runs, || {
+        let s = Instant::now();
+        // SAFETY: the region is the bench's own anonymous mapping, alive until the
+        // tracker stops: no allocator heap, stack or lock lives in it; nothing writes it
+        // while the tracker runs but this thread, between snapshots.
+        let mut t = unsafe { Tracker::start(&[TrackRegion::of(base, &base_mem[..])], &topts) }
+            .expect("synchronous tracking");
+        // SAFETY: as above; the mapping outlives the dump.
+        let live = unsafe { t.live(LiveKind::Full, &lopts) }.expect("live");
+        let d = s.elapsed();
+        let mut w = ImageWriter::create(fresh_dir("live"), 1)
+            .expect("create")
+            .with_sync(false);
+        let rep = live.dump(&mut w, &lopts).expect("dump");
+        w.finish().expect("finish");
+        quiet.push(rep.dump_time);
+        peak = peak.max(rep.saved_peak_bytes);
+        t.stop().expect("stop");
+        d
+    });
+    let idx = random_pages(pages, 0.01, 11);
+    for round in 0..runs {
+        // SAFETY: as above.
+        let mut t = unsafe { Tracker::start(&[TrackRegion::of(base, &r.mem[..])], &topts) }
+            .expect("synchronous tracking");
+        // This thread writes between snapshots; each first write waits for the handler.
+        write_pages(&mut r.mem, ps, &idx, round as u8 + 1);
+        // SAFETY: as above.
+        let live = unsafe { t.live(LiveKind::Incremental, &lopts) }.expect("live");
+        incr.push(live.pause());
+        drop(live);
+        t.stop().expect("stop");
+    }
+    incr.sort();
+    let incr = incr[incr.len() / 2];
+    quiet.sort();
+    let quiet_t = quiet[quiet.len() / 2];
+
+    // The live dump with one writer dirtying a random page every 10 us.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut busy = Vec::new();
+    let mut saved = 0;
+    for _ in 0..runs {
+        // SAFETY: as above; the writer below writes the region through its address only.
+        let mut t = unsafe { Tracker::start(&[TrackRegion::of(base, &r.mem[..])], &topts) }
+            .expect("synchronous tracking");
+        // SAFETY: as above.
+        let live = unsafe { t.live(LiveKind::Full, &lopts) }.expect("live");
+        stop.store(false, Ordering::Relaxed);
+        let (st, addr, n) = (Arc::clone(&stop), r.mem.as_ptr() as usize, pages);
+        let writer = std::thread::spawn(move || {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            while !st.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (addr + (x % n) as usize * ps) as *mut u64;
+                // SAFETY: a word of the bench's mapping, alive until the writer is
+                // joined; written with a volatile store, read only by the kernel and
+                // volatile copies while the writer runs.
+                unsafe { at.write_volatile(x) };
+                std::thread::sleep(Duration::from_micros(10));
+            }
+        });
+        let mut w = ImageWriter::create(fresh_dir("busy"), 1)
+            .expect("create")
+            .with_sync(false);
+        let rep = live.dump(&mut w, &lopts).expect("dump");
+        w.finish().expect("finish");
+        stop.store(true, Ordering::Relaxed);
+        writer.join().expect("writer");
+        busy.push(rep.dump_time);
+        saved = saved.max(rep.saved_pages);
+        peak = peak.max(rep.saved_peak_bytes);
+        t.stop().expect("stop");
+    }
+    busy.sort();
+    let busy_t = busy[busy.len() / 2];
+
+    let rows = vec![
+        TrackRow {
+            what: "live snapshot pause".into(),
+            ours: pause,
+            base_name: "stop-the-world (the whole dump, synced)".into(),
+            base: stw,
+            goal: format!("<= 1/50: {}", met(pause * 50 <= stw)),
+        },
+        TrackRow {
+            what: "live snapshot pause".into(),
+            ours: pause,
+            base_name: "stop-the-world, image not synced".into(),
+            base: stw_nosync,
+            goal: "-".into(),
+        },
+        TrackRow {
+            what: "live snapshot pause".into(),
+            ours: pause,
+            base_name: "memcpy into fresh memory".into(),
+            base: memcpy_t,
+            goal: format!("<= 1/5: {}", met(pause * 5 <= memcpy_t)),
+        },
+        TrackRow {
+            what: "live snapshot pause, incremental (1%)".into(),
+            ours: incr,
+            base_name: "stop-the-world (the whole dump)".into(),
+            base: stw,
+            goal: "-".into(),
+        },
+        TrackRow {
+            what: "live dump, a writer every 10 us".into(),
+            ours: busy_t,
+            base_name: "the same dump, no writer".into(),
+            base: quiet_t,
+            goal: format!(
+                ">= 0.8x: {}",
+                met(quiet_t.as_secs_f64() >= 0.8 * busy_t.as_secs_f64())
+            ),
+        },
+    ];
+    print_track_rows(&rows);
+    println!(
+        "saved copies: at most {} KiB held ({:.3}% of the region), {saved} pages saved in the busiest dump",
+        peak / 1024,
+        peak as f64 * 100.0 / r.bytes() as f64
+    );
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -52,9 +52,13 @@ const USAGE: &str =
        snapshot inspect DIR
        snapshot extract DIR --vaddr ADDR --pages N --out FILE";
 
+#[path = "demo/live.rs"]
+mod live;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
+        _ if args.iter().any(|a| a == "--live") => live::run(&args),
         Some("inspect") => inspect(&args[1..]),
         Some("extract") => extract(&args[1..]),
         Some("-h" | "--help") => {

@@ -58,7 +58,12 @@ impl Shared {
     }
 }
 
-fn writers(s: &Arc<Shared>, n: usize, seed: u64, gap: Duration) -> Vec<std::thread::JoinHandle<()>> {
+fn writers(
+    s: &Arc<Shared>,
+    n: usize,
+    seed: u64,
+    gap: Duration,
+) -> Vec<std::thread::JoinHandle<()>> {
     (0..n)
         .map(|t| {
             let s = Arc::clone(s);
@@ -123,7 +128,10 @@ fn full_then_incremental(pages: usize, threads: usize, seed: u64, gap: Duration,
     };
     let w = writers(&s, threads, seed, gap);
     let mut saved = 0;
-    for (i, kind) in [LiveKind::Full, LiveKind::Incremental].into_iter().enumerate() {
+    for (i, kind) in [LiveKind::Full, LiveKind::Incremental]
+        .into_iter()
+        .enumerate()
+    {
         let (reference, live) = {
             let _paused = s.pause.write().unwrap();
             let reference = s.copy();
@@ -147,7 +155,10 @@ fn full_then_incremental(pages: usize, threads: usize, seed: u64, gap: Duration,
             let bad = (0..pages)
                 .find(|&p| back[p * ps()..(p + 1) * ps()] != reference[p * ps()..(p + 1) * ps()])
                 .unwrap();
-            panic!("snapshot {} differs from the memory at its instant, first at page {bad}", i + 1);
+            panic!(
+                "snapshot {} differs from the memory at its instant, first at page {bad}",
+                i + 1
+            );
         }
     }
     s.stop.store(true, Ordering::Relaxed);
@@ -229,7 +240,10 @@ fn the_bound_on_saved_copies_makes_writers_wait_and_let_go() {
         let off = (vaddr - BASE) as usize;
         back[off..off + bytes.len()].copy_from_slice(&bytes);
     }
-    assert!(back == reference, "the snapshot differs from the memory at its instant");
+    assert!(
+        back == reference,
+        "the snapshot differs from the memory at its instant"
+    );
 }
 
 fn threads_now() -> usize {
@@ -283,7 +297,10 @@ fn a_failing_sink_releases_the_writers_and_leaves_nothing_behind() {
     // The writers go on: every page can be written now.
     let before = s.writes.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(50));
-    assert!(s.writes.load(Ordering::Relaxed) > before, "writers are stuck");
+    assert!(
+        s.writes.load(Ordering::Relaxed) > before,
+        "writers are stuck"
+    );
     s.stop.store(true, Ordering::Relaxed);
     for t in w {
         t.join().unwrap();

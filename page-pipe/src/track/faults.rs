@@ -98,7 +98,11 @@ impl Shared {
         }
     }
 
-    fn on_event<'a>(&'a self, mut st: MutexGuard<'a, State>, ev: UffdEvent) -> MutexGuard<'a, State> {
+    fn on_event<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        ev: UffdEvent,
+    ) -> MutexGuard<'a, State> {
         match ev {
             UffdEvent::Pagefault { flags, address, .. } => {
                 return self.on_fault(st, flags, address);
@@ -152,8 +156,7 @@ impl Shared {
         let (host, len) = (r.host + first as usize * ps, (end - first) as usize * ps);
         // A background snapshot that still needs these pages gets their old contents
         // first; see the ordering in `live`'s module docs.
-        loop {
-            let Some(live) = st.live.as_mut() else { break };
+        while let Some(live) = st.live.as_mut() {
             if live.reading(r.index, first, end) {
                 // The dump is reading them from memory: wait until it is done, then they
                 // are dumped and need no copy.

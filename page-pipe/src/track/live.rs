@@ -366,7 +366,7 @@ impl fmt::Debug for Live<'_> {
 impl Tracker {
     /// Begins a background snapshot of the tracked regions; call it with the writers
     /// paused, resume them when it returns, then [`dump`](Live::dump) (see the
-    /// [ordering](self)). The tracker must be synchronous ([`Method::Sync`]).
+    /// [ordering](crate::track::live)). The tracker must be synchronous ([`Method::Sync`]).
     ///
     /// ```no_run
     /// use page_pipe::image::ImageWriter;
@@ -492,7 +492,7 @@ impl Live<'_> {
     }
 
     /// Writes the snapshot into `sink` while the program runs (see the
-    /// [ordering](self)), with `opts.snapshot` (pages always straight from memory).
+    /// [ordering](crate::track::live)), with `opts.snapshot` (pages always straight from memory).
     ///
     /// # Errors
     /// [`LiveError::Dump`]: the sink failed, and so on; the tracker is then stopped.

@@ -160,7 +160,7 @@
 mod bitmap;
 mod error;
 mod faults;
-mod live;
+pub mod live;
 mod maps;
 mod scan;
 
