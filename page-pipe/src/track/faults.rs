@@ -206,6 +206,9 @@ impl Shared {
     fn release_all(&self) {
         for r in &self.regions {
             let _ = self.uffd.unregister(r.host, r.len);
+            // Wake writers whose faults were queued before the range left the
+            // userfaultfd: they fault again on memory no userfaultfd watches.
+            let _ = self.uffd.wake(r.host, r.len);
         }
     }
 
