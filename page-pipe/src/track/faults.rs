@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use page_pipe_sys::{Errno, PagefaultFlags, Uffd, UffdEvent, WriteProtectMode};
 
 use super::bitmap::{for_each_run, new_bitmap, set_range};
-use super::live::{LiveState, save_page};
+use super::live_state::{LiveState, save_page};
 use super::{LostBy, Region, TrackError};
 
 #[derive(Debug, Clone, Copy)]

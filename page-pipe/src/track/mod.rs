@@ -161,6 +161,7 @@ mod bitmap;
 mod error;
 mod faults;
 pub mod live;
+mod live_state;
 mod maps;
 mod scan;
 mod start;
