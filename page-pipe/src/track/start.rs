@@ -87,8 +87,8 @@ impl Tracker {
     /// `PAGEMAP_SCAN`, Linux 6.7): registers them with a new userfaultfd and
     /// write-protects all their pages. No write to them will ever wait.
     ///
-    /// Safe: see [What is `unsafe`](self#what-is-unsafe). See the
-    /// [module docs](self) for an example.
+    /// Safe: see [What is `unsafe`](crate::track#what-is-unsafe). See the
+    /// [module docs](crate::track) for an example.
     ///
     /// # Errors
     /// [`TrackError`]: bad regions; no userfaultfd ([`TrackError::Open`]) or one the
