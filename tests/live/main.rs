@@ -341,3 +341,78 @@ fn an_asynchronous_tracker_is_refused() {
     );
     assert!(tracker.take().is_ok());
 }
+
+/// Into every sink kind, chunked or not: a socket (the bytes as the capture's instant),
+/// a callback, in single-pass mode, with writers running.
+#[test]
+fn every_sink_kind_gets_the_memory_at_the_instant() {
+    use std::io::Read;
+    let pages = 256;
+    let mut mem = MmapOptions::new().len(pages * ps()).map_anon().unwrap();
+    page_pipe_tests::fill_pattern(&mut mem, 21);
+    let Some(mut tracker) = sync_tracker(&mem) else {
+        return;
+    };
+    let s = Arc::new(Shared {
+        base: mem.as_mut_ptr() as usize,
+        pages,
+        pause: RwLock::new(()),
+        stop: AtomicBool::new(false),
+        writes: AtomicU64::new(0),
+    });
+    let w = writers(&s, 2, 21, Duration::from_micros(5));
+    for chunk_mode in [true, false] {
+        let opts = LiveOptions {
+            snapshot: page_pipe::snapshot::SnapshotOptions {
+                chunk_mode,
+                max_pipe_pages: Some(16),
+                ..Default::default()
+            },
+            ..LiveOptions::default()
+        };
+        // A Unix socket, read after the dump.
+        let (reference, live) = {
+            let _p = s.pause.write().unwrap();
+            // SAFETY: as for `sync_tracker`.
+            (
+                s.copy(),
+                unsafe { tracker.live(LiveKind::Full, &opts) }.unwrap(),
+            )
+        };
+        let (mut rx, tx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            rx.read_to_end(&mut v).unwrap();
+            v
+        });
+        let mut sink = page_pipe::FdSink::new(tx);
+        live.dump(&mut sink, &opts).unwrap();
+        drop(sink);
+        assert!(
+            reader.join().unwrap() == reference,
+            "socket, chunk mode {chunk_mode}"
+        );
+        // A callback.
+        let (reference, live) = {
+            let _p = s.pause.write().unwrap();
+            // SAFETY: as for `sync_tracker`.
+            (
+                s.copy(),
+                unsafe { tracker.live(LiveKind::Full, &opts) }.unwrap(),
+            )
+        };
+        let mut got = Vec::new();
+        let mut cb = CallbackSink::new(|_: &PagemapEntry, b: &[u8]| {
+            got.extend_from_slice(b);
+            Ok(())
+        });
+        live.dump(&mut cb, &opts).unwrap();
+        drop(cb);
+        assert!(got == reference, "callback, chunk mode {chunk_mode}");
+    }
+    s.stop.store(true, Ordering::Relaxed);
+    for t in w {
+        t.join().unwrap();
+    }
+    tracker.stop().unwrap();
+}
