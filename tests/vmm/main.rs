@@ -1,6 +1,7 @@
 //! Guest memory (the `vm-memory` feature) end to end: snapshots and restores of random
 //! region layouts with gaps against a model of the memory, pages in gaps refused before
-//! anything is written, plans from bitmaps and dirty logs against a per-page reference,
+//! anything is written, pages the image lacks (zeros, left alone in fresh memory, refused
+//! when strict), plans from bitmaps and dirty logs against a per-page reference,
 //! regions that break a rule, the CRIU fixture restored into guest memory, and the
 //! receiving side (`GuestWriter`).
 
@@ -95,7 +96,7 @@ fn present(vaddr: u64, pages: u64) -> PagemapEntry {
 }
 
 proptest! {
-    #![proptest_config(proptest_config(24, "vmm"))]
+    #![proptest_config(proptest_config(96, "vmm"))]
 
     /// A full snapshot, writes marked in the AtomicBitmaps, an incremental snapshot from
     /// them, and restores of both images into other guest memory: each equals the memory
@@ -752,4 +753,69 @@ fn a_restore_leaves_no_thread_or_descriptor() {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x100_0000)).unwrap(), 6);
     }
     assert_eq!((open_fds(), threads()), (fds, tasks));
+}
+
+/// Pages of a region that the image does not hold (in no entry, or lazy only) are
+/// written with zeros; with `fresh` they are left as they are; a strict restore refuses
+/// them before anything is written.
+#[test]
+fn pages_the_image_lacks_are_zeros_or_left_alone_when_fresh() {
+    let ps = ps();
+    let layout = vec![(0, 8 * ps), (0x10_0000, 4 * ps)];
+    let dir = TempDir::new("vmm-lacks");
+    write_image(
+        dir.path(),
+        &[
+            (present(ps as u64, 2), 5),
+            (
+                PagemapEntry {
+                    vaddr: 4 * ps as u64,
+                    pages: 1,
+                    flags: PageFlags::LAZY,
+                },
+                0,
+            ),
+            (present(0x10_0000 + ps as u64, 1), 6),
+        ],
+    );
+    let image = Image::open(dir.path()).unwrap();
+    for fresh in [false, true] {
+        let mem = guest::<()>(&layout);
+        fill(&mem, &layout, 9);
+        let before = contents(&mem, &layout);
+        let opts = GuestRestoreOptions {
+            fresh,
+            ..GuestRestoreOptions::default()
+        };
+        let report = vm::restore(&image, &mem, &opts).unwrap();
+        assert_eq!((report.present, report.zero, report.lazy), (3, 8, 1));
+        let after = contents(&mem, &layout);
+        let mut want = before.clone();
+        for (r, page, byte) in [(0, 1, 5), (0, 2, 5), (1, 1, 6)] {
+            want[r][page * ps..][..ps].fill(byte);
+        }
+        if !fresh {
+            for (r, pages) in [(0, vec![0, 3, 4, 5, 6, 7]), (1, vec![0, 2, 3])] {
+                for p in pages {
+                    want[r][p * ps..][..ps].fill(0);
+                }
+            }
+        }
+        assert!(after == want, "fresh {fresh}: restored memory differs");
+    }
+    let mem = guest::<()>(&layout);
+    fill(&mem, &layout, 9);
+    let before = contents(&mem, &layout);
+    let strict = GuestRestoreOptions {
+        strict: true,
+        ..GuestRestoreOptions::default()
+    };
+    match vm::restore(&image, &mem, &strict).unwrap_err() {
+        VmError::Image {
+            op: ImageOp::Plan,
+            error: ImageError::NotInImage { vaddr: 0, .. },
+        } => {}
+        other => panic!("{other}"),
+    }
+    assert!(contents(&mem, &layout) == before, "a refused restore wrote");
 }
