@@ -109,6 +109,12 @@ pub fn write_raw_exact(
 /// // SAFETY: as above.
 /// let end = unsafe { read_raw_exact(&p.read, out.as_mut_ptr(), 1, None) }.unwrap_err();
 /// assert_eq!((end.done, end.stopped), (0, Stopped::EndOfData));
+/// // Nothing is mapped at address 8: an error from the kernel, not a write.
+/// let p = page_pipe_sys::pipe()?;
+/// page_pipe_sys::write_exact(&p.write, b"x").unwrap();
+/// // SAFETY: address 8 is never mapped (below `mmap_min_addr`), so the kernel refuses.
+/// let bad = unsafe { read_raw_exact(&p.read, 8 as *mut u8, 1, None) }.unwrap_err();
+/// assert_eq!(bad.errno(), Some(page_pipe_sys::Errno::FAULT));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 ///

@@ -86,11 +86,27 @@ impl DirtySet {
         self.words.iter_mut().flatten().for_each(|w| *w = 0);
     }
 
-    /// Marks the `pages` pages from guest address `addr` (page-aligned) dirty.
+    /// Marks the `pages` pages from guest address `addr` (page-aligned) dirty: pages the
+    /// VMM wrote another way (a `write(2)` into guest memory by address, say).
+    ///
+    /// ```
+    /// use page_pipe::vm::{DirtySet, VmError};
+    /// use vm_memory::{GuestAddress, GuestMemoryMmap};
+    /// let ps = page_pipe::page_size() as u64;
+    /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 * ps as usize)])?;
+    /// let mut dirty = DirtySet::new(&mem)?;
+    /// dirty.mark(GuestAddress(2 * ps), 2)?;
+    /// assert_eq!(dirty.pages(), 2);
+    /// // One page past the memory: refused, nothing marked.
+    /// assert!(matches!(dirty.mark(GuestAddress(0), 5), Err(VmError::OutsideMemory { pages: 1, .. })));
+    /// dirty.clear();
+    /// assert_eq!(dirty.pages(), 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ///
     /// # Errors
-    /// [`VmError::OutsideMemory`] naming the first page in no region (nothing is marked
-    /// then); [`VmError::BadEntry`]-like alignment faults are [`VmError::Unaligned`].
+    /// [`VmError::Unaligned`] for an unaligned `addr`; [`VmError::OutsideMemory`] naming
+    /// the first page in no region. Nothing is marked then.
     pub fn mark(&mut self, addr: GuestAddress, pages: u64) -> Result<(), VmError> {
         self.check(addr.0, pages)?;
         let ps = self.layout.page_size as u64;
