@@ -1,7 +1,8 @@
 //! I/O on memory known only by address: memory that others may write at any time (a
 //! guest's RAM, pages of a running program), which Rust code must never see as a `&[u8]`
-//! (that would be a data race). The kernel reads it for `write`/`pwrite`, and
-//! [`copy_from_raw`] reads it with volatile loads.
+//! (that would be a data race). The kernel reads it for `write`/`pwrite`, writes it for
+//! `read`/`pread` ([`read_raw_exact`]), and [`copy_from_raw`] reads it with volatile
+//! loads.
 //!
 //! `rustix` takes buffers as slices only, so these wrappers call `libc` with the raw
 //! iovecs instead; that is why `libc` is a dependency of this crate.
@@ -77,6 +78,98 @@ pub fn write_raw_exact(
                 });
             }
             n if n > 0 => done += n as usize,
+            _ => {
+                let e = last_errno();
+                if e != Errno::INTR {
+                    return Err(Partial {
+                        done,
+                        stopped: Stopped::Errno(e),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `read(fd, dst, len)`, repeated until `len` bytes are read (or `pread(fd, .., offset)`
+/// from `offset` on, when given), in calls of at most `0x7fff_f000` bytes, retrying on
+/// `EINTR`. The kernel writes the memory: no Rust reference to it is made, so memory that
+/// others may read or write meanwhile (a guest's RAM) can be filled this way.
+///
+/// ```
+/// use page_pipe_sys::{read_raw_exact, Stopped};
+/// let p = page_pipe_sys::pipe()?;
+/// page_pipe_sys::write_exact(&p.write, b"raw").unwrap();
+/// let mut out = [0u8; 3];
+/// // SAFETY: `out` is ours, writable for 3 bytes, and no reference to it is used during the call.
+/// unsafe { read_raw_exact(&p.read, out.as_mut_ptr(), 3, None) }.unwrap();
+/// assert_eq!(&out, b"raw");
+/// drop(p.write);
+/// // SAFETY: as above.
+/// let end = unsafe { read_raw_exact(&p.read, out.as_mut_ptr(), 1, None) }.unwrap_err();
+/// assert_eq!((end.done, end.stopped), (0, Stopped::EndOfData));
+/// // Nothing is mapped at address 8: an error from the kernel, not a write.
+/// let p = page_pipe_sys::pipe()?;
+/// page_pipe_sys::write_exact(&p.write, b"x").unwrap();
+/// // SAFETY: address 8 is never mapped (below `mmap_min_addr`), so the kernel refuses.
+/// let bad = unsafe { read_raw_exact(&p.read, 8 as *mut u8, 1, None) }.unwrap_err();
+/// assert_eq!(bad.errno(), Some(page_pipe_sys::Errno::FAULT));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Partial`] with the bytes read: [`Stopped::EndOfData`] when the source ends first (a
+/// file shorter than `offset + len`, a pipe with no writer left), or the errno (`EFAULT`
+/// for memory that is not mapped, `EAGAIN` on an empty non-blocking pipe, ...).
+///
+/// # Safety
+/// - the `len` bytes at `dst` are memory the caller may let the kernel write (mapped
+///   writable or not mapped at all, which gives `EFAULT`), and writing any bytes there
+///   breaks no invariant of anyone's (it is not memory of Rust values);
+/// - no Rust reference to them that assumes they do not change is used during the call.
+///
+/// # References
+/// - [`read(2)`](https://man7.org/linux/man-pages/man2/read.2.html),
+///   [`pread(2)`](https://man7.org/linux/man-pages/man2/pread.2.html)
+pub unsafe fn read_raw_exact(
+    fd: impl AsFd,
+    dst: *mut u8,
+    len: usize,
+    offset: Option<u64>,
+) -> std::result::Result<(), Partial> {
+    let fd = fd.as_fd().as_raw_fd();
+    let mut done = 0usize;
+    while done < len {
+        let base = dst.wrapping_add(done).cast::<libc::c_void>();
+        let n = (len - done).min(0x7fff_f000);
+        let got = match offset {
+            // SAFETY:
+            // - `fd` is an open descriptor borrowed for this call;
+            // - the kernel writes at most `n` bytes at `base`, within the `len` bytes the
+            //   caller lets it write (an unmapped address gives EFAULT).
+            None => unsafe { libc::read(fd, base, n) },
+            Some(off) => {
+                // An offset past `off_t` is one the kernel refuses with EINVAL.
+                let at = off.checked_add(done as u64).map(libc::off_t::try_from);
+                let Some(Ok(at)) = at else {
+                    return Err(Partial {
+                        done,
+                        stopped: Stopped::Errno(Errno::INVAL),
+                    });
+                };
+                // SAFETY: as for `read` above; `at` is a file offset.
+                unsafe { libc::pread(fd, base, n, at) }
+            }
+        };
+        match got {
+            0 => {
+                return Err(Partial {
+                    done,
+                    stopped: Stopped::EndOfData,
+                });
+            }
+            got if got > 0 => done += got as usize,
             _ => {
                 let e = last_errno();
                 if e != Errno::INTR {

@@ -37,6 +37,14 @@
 //! against a `memcpy` of the region into fresh memory; the pause of an incremental live
 //! snapshot (1% written); the live dump with one writer dirtying a random page every
 //! 10 us against the same dump with no writer; the memory the saved copies took.
+//! Then, built with `--features vm-memory` (alone with `--vm`), rust-vmm guest memory: a
+//! `GuestMemoryMmap` of `--size` in two regions with a gap, snapshot into an image
+//! directory (`Source::with_guest_memory`) against the same memory as slices
+//! (`Source::with_slice`), and restored into a fresh `GuestMemoryMmap` (`vm::restore`)
+//! against `Image::restore` into fresh mappings of the same sizes; ours and the baseline
+//! alternate run by run. Two more rows measure the choices made: restoring through a
+//! bounce buffer (`pread` into a buffer, then vm-memory's `write_slice`) instead of
+//! reading straight into the `VolatileSlice`, and the cost of marking an `AtomicBitmap`.
 
 #[path = "../benches/workloads/mod.rs"]
 mod workloads;
@@ -158,6 +166,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if std::env::args().any(|a| a == "--live") {
         return live(size, runs);
+    }
+    #[cfg(feature = "vm-memory")]
+    if std::env::args().any(|a| a == "--vm") {
+        return guest_memory::rows(size, runs);
     }
     let r = Region::new(size);
     let (bytes, pages) = (r.bytes(), r.pages);
@@ -368,7 +380,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     std::fs::remove_dir_all(&dir)?;
     println!();
-    tracking(size, runs)
+    tracking(size, runs)?;
+    #[cfg(feature = "vm-memory")]
+    {
+        println!();
+        guest_memory::rows(size, runs)?;
+    }
+    Ok(())
 }
 
 /// One row of the tracking table: ours against a baseline, and the goal if there is one.
@@ -840,4 +858,207 @@ fn live(size: u64, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
     );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
+}
+
+/// rust-vmm guest memory against the same memory as slices: see the module docs.
+#[cfg(feature = "vm-memory")]
+mod guest_memory {
+    use std::error::Error;
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
+
+    use page_pipe::Source;
+    use page_pipe::image::{Image, ImageWriter};
+    use page_pipe::snapshot::{SnapshotOptions, snapshot};
+    use page_pipe::vm::{self, GuestRestoreOptions};
+    use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+    use super::{Table, fresh};
+
+    fn mid(mut v: Vec<Duration>) -> Duration {
+        v.sort();
+        v[v.len() / 2]
+    }
+
+    pub fn rows(size: u64, runs: usize) -> Result<(), Box<dyn Error>> {
+        let ps = page_pipe::page_size();
+        let pages = (size / ps as u64).max(4);
+        let low = (pages * 3 / 4) as usize * ps;
+        let high = pages as usize * ps - low;
+        let layout = [(GuestAddress(0), low), (GuestAddress(4 << 30), high)];
+        println!(
+            "guest memory: GuestMemoryMmap of {} MiB at 0x0 and {} MiB at 0x100000000, median of {runs} runs",
+            low >> 20,
+            high >> 20
+        );
+        let mem = GuestMemoryMmap::<()>::from_ranges(&layout)?;
+        let mut buf = vec![0u8; 1 << 20];
+        for &(base, len) in &layout {
+            for off in (0..len).step_by(buf.len()) {
+                let n = buf.len().min(len - off);
+                for (i, b) in buf[..n].iter_mut().enumerate() {
+                    *b = ((off + i) >> 12) as u8 ^ (i as u8).wrapping_mul(7);
+                }
+                mem.write_slice(&buf[..n], GuestAddress(base.0 + off as u64))?;
+            }
+        }
+        // The baseline's view of the same memory: slices of the regions' mappings.
+        let slices: Vec<(u64, &[u8])> = mem
+            .iter()
+            .map(|r| {
+                // SAFETY: the mapping of `r` is `size()` bytes at `as_ptr()`, mapped while
+                // `mem` lives (it outlives the slices); nothing writes it from here on.
+                let s = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.size()) };
+                (r.start_addr().0, s)
+            })
+            .collect();
+        let bytes = pages * ps as u64;
+        let mut t = Table {
+            bytes,
+            pages,
+            rows: Vec::new(),
+        };
+        let dir = std::env::temp_dir().join(format!("page-pipe-bench-vm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let opts = SnapshotOptions::default();
+
+        // Snapshot into an image directory, alternating.
+        let (mut ours, mut base) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let s = Instant::now();
+            let source = Source::new().with_guest_memory(&mem)?;
+            let mut w = ImageWriter::create(dir.join("guest"), 1)?.with_sync(false);
+            snapshot(&source, vm::full_plan(&mem)?, &mut w, &opts)?;
+            w.finish()?;
+            ours.push(s.elapsed());
+            let s = Instant::now();
+            let mut source = Source::new();
+            for &(a, sl) in &slices {
+                source = source.with_slice(a, sl)?;
+            }
+            let mut w = ImageWriter::create(dir.join("slices"), 1)?.with_sync(false);
+            snapshot(&source, vm::full_plan(&mem)?, &mut w, &opts)?;
+            w.finish()?;
+            base.push(s.elapsed());
+        }
+        t.row(
+            "snapshot of a GuestMemoryMmap to a file",
+            mid(ours),
+            "the same memory as slices",
+            mid(base),
+        );
+
+        // Restores into fresh memory, alternating; mapping and unmapping not timed.
+        let image = Image::open(dir.join("guest"))?;
+        let check = |m: &GuestMemoryMmap<_>| -> Result<(), Box<dyn Error>> {
+            let mut a = vec![0u8; 1 << 20];
+            let mut b = vec![0u8; 1 << 20];
+            for &(base, len) in &layout {
+                for off in (0..len).step_by(a.len()) {
+                    let n = a.len().min(len - off);
+                    let at = GuestAddress(base.0 + off as u64);
+                    mem.read_slice(&mut a[..n], at)?;
+                    m.read_slice(&mut b[..n], at)?;
+                    assert!(
+                        a[..n] == b[..n],
+                        "restored guest memory differs at {:#x}",
+                        at.0
+                    );
+                }
+            }
+            Ok(())
+        };
+        let fresh_opts = GuestRestoreOptions {
+            fresh: true,
+            ..GuestRestoreOptions::default()
+        };
+        let one_thread = GuestRestoreOptions {
+            threads: std::num::NonZeroUsize::new(1),
+            ..fresh_opts
+        };
+        let (mut ours, mut base, mut bitmap, mut bounce, mut single) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let pages_file = image.pages_path().to_path_buf();
+        for run in 0..runs {
+            let m = GuestMemoryMmap::<()>::from_ranges(&layout)?;
+            let s = Instant::now();
+            vm::restore(&image, &m, &fresh_opts)?;
+            ours.push(s.elapsed());
+            if run == 0 {
+                check(&m)?;
+            }
+            drop(m);
+
+            let mut dsts: Vec<_> = layout.iter().map(|&(_, len)| fresh(len)).collect();
+            let s = Instant::now();
+            for (&(a, _), d) in layout.iter().zip(&mut dsts) {
+                image.restore(a.0, &mut d[..], &Default::default())?;
+            }
+            base.push(s.elapsed());
+            drop(dsts);
+
+            let m = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&layout)?;
+            let s = Instant::now();
+            vm::restore(&image, &m, &fresh_opts)?;
+            bitmap.push(s.elapsed());
+            drop(m);
+
+            let m = GuestMemoryMmap::<()>::from_ranges(&layout)?;
+            let s = Instant::now();
+            vm::restore(&image, &m, &one_thread)?;
+            single.push(s.elapsed());
+            drop(m);
+
+            // The alternative to reading straight into guest memory: a bounce buffer.
+            let m = GuestMemoryMmap::<()>::from_ranges(&layout)?;
+            let f = std::fs::File::open(&pages_file)?;
+            let s = Instant::now();
+            let mut off = 0u64;
+            for &(a, len) in &layout {
+                for o in (0..len).step_by(buf.len()) {
+                    let n = buf.len().min(len - o);
+                    f.read_exact_at(&mut buf[..n], off)?;
+                    m.write_slice(&buf[..n], GuestAddress(a.0 + o as u64))?;
+                    off += n as u64;
+                }
+            }
+            bounce.push(s.elapsed());
+            if run == 0 {
+                check(&m)?;
+            }
+        }
+        let ours = mid(ours);
+        t.row(
+            "restore into a fresh GuestMemoryMmap",
+            ours,
+            "Image::restore into fresh mappings",
+            mid(base),
+        );
+        t.row(
+            "restore, GuestMemoryMmap<AtomicBitmap>",
+            mid(bitmap),
+            "the same without a bitmap (ours above)",
+            ours,
+        );
+        t.row(
+            "restore straight into VolatileSlices, 1 thread",
+            mid(single),
+            "a bounce buffer and write_slice, 1 thread",
+            mid(bounce),
+        );
+        t.print();
+        let goal = |row: usize| {
+            let r = &t.rows[row][4];
+            let ratio: f64 = r.trim().trim_end_matches('x').parse().unwrap_or(0.0);
+            if ratio >= 0.9 { "met" } else { "NOT met" }
+        };
+        println!(
+            "goal >= 0.90x the slice path: snapshot {}, restore {}",
+            goal(0),
+            goal(1)
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }

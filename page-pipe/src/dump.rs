@@ -132,7 +132,7 @@ impl std::error::Error for DumpError {
     }
 }
 
-mod sealed {
+pub(crate) mod sealed {
     pub trait Sealed {}
 }
 

@@ -48,6 +48,11 @@
 //! write-protection), and [`track::plan_from_dirty_log`] turns a dirty bitmap from
 //! elsewhere (KVM's dirty log) into a plan.
 //!
+//! With the `vm-memory` cargo feature, `vm` does all of this for rust-vmm's guest memory
+//! (a `GuestMemoryMmap`): sources, plans from its dirty bitmaps and KVM's dirty logs,
+//! restores and received pages, without `unsafe` in the VMM's code; `guide::vmm` walks
+//! through it.
+//!
 //! # Thread safety
 //!
 //! Every type is `Send` where its parts are: a [`PagePipe`] over [`KernelPipes`], a
@@ -65,6 +70,7 @@ mod backend;
 pub mod builder;
 pub mod capture;
 pub mod dump;
+pub mod guide;
 pub mod image;
 pub mod mode;
 pub mod page_pipe;
@@ -78,6 +84,8 @@ pub mod source;
 pub mod testing;
 pub mod track;
 mod types;
+#[cfg(feature = "vm-memory")]
+pub mod vm;
 
 pub use addr::{PageRange, RangeError};
 pub use backend::{KernelPipes, PipeBackend, PipePool};

@@ -252,6 +252,13 @@ impl Image {
         &self.pages_path
     }
 
+    /// The pages file, kept open (`None` when no entry is present), for restores that
+    /// move the bytes their own way (`vm`).
+    #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
+    pub(crate) fn pages_file(&self) -> Option<&File> {
+        self.pages.as_ref()
+    }
+
     /// The decoded pagemap.
     pub fn pagemap(&self) -> &Pagemap {
         &self.pagemap
