@@ -1,12 +1,15 @@
 //! Memory to capture from: regions that map page pipe addresses to memory.
 //!
-//! This is the one module of the crate that uses `unsafe` (with the `vm-memory` feature,
-//! `vm`'s guest module is a second, which makes vm-memory's guest memory a volatile
-//! region here). The promise that memory stays
-//! readable and unchanged is made here, where a region comes in, and kept here: the
-//! iovecs a capture hands to the kernel, and the slices a dump reads, are made only by a
-//! [`Source`] for pages it checked (a private token type, `Iovs`), so the functions that `vmsplice` them or
-//! read them are sound by construction.
+//! This is the module of the crate that holds `unsafe` for memory to capture from. (The
+//! others that opt in each keep one promise of their own: the live snapshot's, for
+//! tracked memory it reads while the program writes it; the restore by mapping's, for
+//! image files; with the `vm-memory` feature, `vm`'s guest module, which makes
+//! vm-memory's guest memory a volatile region here.) The promise that memory stays
+//! readable (and, but for volatile regions, unchanged) is made here, where a region comes
+//! in, and kept here: the iovecs a capture hands to the kernel, and the slices a dump
+//! reads, are made only by a [`Source`] for pages it checked (a private token type,
+//! `Iovs`), so the functions that `vmsplice` them or read them are sound by
+//! construction.
 //!
 //! # Rules
 //!

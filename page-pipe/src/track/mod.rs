@@ -121,11 +121,15 @@
 //! them cannot handle. Those are promises about code the tracker cannot see, so `start`
 //! is an `unsafe fn` whose caller makes them ([`Tracker::start`]'s `# Safety`).
 //!
-//! The crate's rule is that only the `source` module holds `unsafe` code. This module
-//! holds none: the system calls go through `page-pipe-sys`, whose wrappers used here are
-//! safe (they take a userfaultfd only that crate can make, and change protections, not
-//! memory); `start` only *declares* a contract (`#[allow(unsafe_code)]` on that one
-//! item, which has no `unsafe` block).
+//! The crate's rule is that a module holding `unsafe` code opts in and states the promise
+//! it keeps. Tracking holds none: the system calls go through `page-pipe-sys`, whose
+//! wrappers used here are safe (they take a userfaultfd only that crate can make, and
+//! change protections, not memory); `start` only *declares* a contract
+//! (`#[allow(unsafe_code)]` on that one item, which has no `unsafe` block). A live
+//! snapshot reads the tracked memory (volatile copies of pages a writer came to first,
+//! and chunks the kernel reads for the dump): that is in [`live`] and its state module,
+//! which opt in, on the promise [`Tracker::live`] asks of its caller (the regions stay
+//! mapped until the snapshot ends).
 //!
 //! # Handing over from a background snapshot (plan for the next step)
 //!
