@@ -11,6 +11,8 @@
 //! - wrappers over [`rustix::pipe`] that make a pipe, read and set its capacity, and move an
 //!   exact number of bytes with `vmsplice`, `splice`, `tee` and `write`, looping on short
 //!   transfers and `EINTR` and reporting how far they got when they stop early ([`Partial`]);
+//! - socket calls for streaming pages ([`send_all`], [`send_vectored_all`], [`recv_some`],
+//!   [`splice_some`], [`poll_readable`]): sends never raise `SIGPIPE`;
 //! - a run-time [`probe`](probe_vmsplice) that tells whether `vmsplice` references pages or
 //!   copies them on this kernel, and whether `SPLICE_F_GIFT` is accepted.
 //!
@@ -31,12 +33,14 @@
 
 mod layout;
 mod limits;
+mod net;
 mod pipe;
 mod probe;
 mod sizing;
 
 pub use layout::{PIPE_BUFFER_SIZE, PipeBuffer};
 pub use limits::{PipeLimits, page_size};
+pub use net::{poll_readable, recv_some, send_all, send_vectored_all, splice_some};
 pub use pipe::{
     FdKind, Partial, Pipe, RawIov, Stopped, fd_kind, pipe, pipe_bytes, pipe_capacity, read_exact,
     set_pipe_capacity, splice_exact, tee_exact, vmsplice_all, vmsplice_raw, write_exact,
