@@ -131,7 +131,7 @@ impl std::error::Error for DumpError {
     }
 }
 
-mod sealed {
+pub(crate) mod sealed {
     pub trait Sealed {}
 }
 

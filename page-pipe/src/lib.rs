@@ -43,7 +43,8 @@
 //! otherwise they leave as copies. See [`source`] and [`dump`].
 //!
 //! [`snapshot::snapshot`] runs these steps for a plan of spans; [`image::Image`] reads an
-//! image back through its parent chain.
+//! image back through its parent chain; [`page_server`] speaks CRIU's page-server
+//! protocol, to stream a dump to another host and to receive one.
 //!
 //! # Thread safety
 //!
@@ -64,6 +65,7 @@ pub mod dump;
 pub mod image;
 pub mod mode;
 pub mod page_pipe;
+pub mod page_server;
 pub mod serve;
 mod serve_index;
 pub mod snapshot;
