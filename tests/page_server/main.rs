@@ -346,3 +346,98 @@ fn check_stream_finds_the_recorded_entries() {
         "{e}"
     );
 }
+
+/// The demo's two snapshots, sent to `page_server --chain` with `snapshot --to`, land as a
+/// full image and an incremental one on it that restore to what the demo writes locally.
+#[test]
+fn the_demo_s_snapshots_round_trip_through_the_example_server() {
+    let top = TempDir::new("ps-demo");
+    let srv_dir = top.path().join("srv");
+    let mut server = Command::new(example_binary("page_server"))
+        .args(["--dir", srv_dir.to_str().unwrap(), "--port", "0", "--chain"])
+        .args(["--no-sync", "--idle-timeout", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = server.stdout.take().unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    let line = String::from_utf8(line).unwrap();
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap()
+        .trim_end_matches(',')
+        .to_string();
+    let demo = page_pipe_tests::snapshot_demo();
+    let sent = Command::new(&demo)
+        .args(["--size", "8M", "--dirty", "25", "--to", &addr])
+        .output()
+        .unwrap();
+    let local_dir = top.path().join("local");
+    let local = Command::new(&demo)
+        .args([
+            "--size",
+            "8M",
+            "--dirty",
+            "25",
+            "--dir",
+            local_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    // The server is this test's child: stop it by its pid.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert!(sent.status.success(), "{}", text(&sent));
+    assert!(
+        text(&sent).contains("1538 in the parent"),
+        "{}",
+        text(&sent)
+    );
+    assert!(local.status.success(), "{}", text(&local));
+    // The demo maps its region anew in each run: compare from each image's base.
+    for n in ["1", "2"] {
+        let remote = Image::open(srv_dir.join(n)).unwrap();
+        let here = Image::open(local_dir.join(n)).unwrap();
+        assert_eq!(remote.depth(), here.depth(), "snapshot {n}");
+        let (rb, hb) = (remote.entries()[0].vaddr, here.entries()[0].vaddr);
+        // The server writes an entry per message, as CRIU's; the local writer joins
+        // contiguous entries: the same entries once joined.
+        let joined = |entries: &[PagemapEntry], base: u64| {
+            let mut v: Vec<(u64, u64, PageFlags)> = Vec::new();
+            for e in entries {
+                let at = e.vaddr - base;
+                match v.last_mut() {
+                    Some(l) if l.2 == e.flags && l.0 + l.1 * page_size() as u64 == at => {
+                        l.1 += e.pages
+                    }
+                    _ => v.push((at, e.pages, e.flags)),
+                }
+            }
+            v
+        };
+        assert!(remote.entries().len() >= here.entries().len());
+        assert_eq!(
+            joined(remote.entries(), rb),
+            joined(here.entries(), hb),
+            "snapshot {n}: the same entries"
+        );
+        let len = 2048 * page_size();
+        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+        remote.read(rb, &mut a).unwrap();
+        here.read(hb, &mut b).unwrap();
+        assert!(a == b, "snapshot {n} restores differently");
+    }
+}
