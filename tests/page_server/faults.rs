@@ -249,7 +249,10 @@ fn bad_messages_end_their_session_and_the_server_goes_on() {
             .is_ok()
     );
     let stats = running.stop();
-    assert_eq!((stats.sessions, stats.refused), (5, 0));
+    assert_eq!(
+        (stats.sessions, stats.ok, stats.failed, stats.refused),
+        (5, 1, 4, 0)
+    );
     assert_eq!(names(dir.path()), ["pagemap-2.img", "pages-65537.img"]);
 }
 

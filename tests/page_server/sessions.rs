@@ -512,7 +512,7 @@ fn several_clients_at_once() {
         assert!(back == *mem, "image {}", i + 1);
     }
     let stats = running.stop();
-    assert_eq!((stats.sessions, stats.refused), (8, 0));
+    assert_eq!((stats.sessions, stats.ok, stats.refused), (8, 8, 0));
 }
 
 /// Two sessions writing the same image into the same directory at once: the second is

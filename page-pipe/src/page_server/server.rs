@@ -25,7 +25,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -668,6 +668,8 @@ impl PageServer {
         let mut stats = ServerStats::default();
         let live: Arc<Mutex<Vec<(u64, Stream)>>> = Arc::new(Mutex::new(Vec::new()));
         let count = Arc::new(AtomicUsize::new(0));
+        // Sessions that ended cleanly, and that failed.
+        let ends = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut next = 0u64;
         let listener_fd = match &self.listener {
@@ -722,7 +724,7 @@ impl PageServer {
                 Arc::clone(&live),
                 Arc::clone(&count),
             );
-            let (tx2, wake2) = (tx.clone(), Arc::clone(wake_w));
+            let (tx2, wake2, ends2) = (tx.clone(), Arc::clone(wake_w), Arc::clone(&ends));
             let spawned = std::thread::Builder::new()
                 .name(format!("page-server-{id}"))
                 .spawn(move || {
@@ -733,6 +735,7 @@ impl PageServer {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .retain(|(i, _)| *i != id);
+                    ends2[usize::from(result.is_err())].fetch_add(1, Ordering::AcqRel);
                     let _ = tx2.send(SessionOutcome { peer, result });
                     count2.fetch_sub(1, Ordering::AcqRel);
                     let _ = page_pipe_sys::send_all(wake2.as_fd(), &[1], false);
@@ -757,6 +760,8 @@ impl PageServer {
         for t in threads {
             let _ = t.join();
         }
+        stats.ok = ends[0].load(Ordering::Acquire);
+        stats.failed = ends[1].load(Ordering::Acquire);
         stats
     }
 }
@@ -812,18 +817,9 @@ impl RunningServer {
     }
 
     /// Stops: no more connections, the sessions still running are shut down, and every
-    /// thread joined. Returns what the server did, counting sessions whose outcome was
-    /// not taken with [`next_outcome`](Self::next_outcome).
+    /// thread joined. Returns what the server did.
     pub fn stop(mut self) -> ServerStats {
-        let mut stats = self.halt();
-        for o in self.outcomes.try_iter() {
-            if o.result.is_ok() {
-                stats.ok += 1;
-            } else {
-                stats.failed += 1;
-            }
-        }
-        stats
+        self.halt()
     }
 }
 
