@@ -14,7 +14,14 @@
 //!   Firecracker uses (`write_all` of each run from the mapping, seeking to its place);
 //!   neither syncs (`ImageWriter::with_sync(false)`);
 //! - Unix socket and loopback TCP, a reader thread draining: a snapshot into the socket
-//!   against `write` from the mapping;
+//!   against `write` from the mapping, of borrowed memory (`Source::with_slice`, what a
+//!   VMM lends: its pages leave as copies) and of owned memory (an anonymous mapping
+//!   handed to the source read-only: its pages may go by reference);
+//! - CRIU's page-server protocol, over both sockets: our client (`PageServerClient`, a
+//!   snapshot of borrowed and of owned memory) against `write` of the same messages
+//!   (headers, and pages from the mapping) into a peer that drops the pages; our server
+//!   receiving those messages and writing the image against our `ImageWriter` fed the
+//!   same entries from the mapping in-process (neither syncs);
 //! - restore into touched memory: `Image::read` into a mapping whose pages were touched
 //!   before (their page faults out of the way) against a `pread` loop of 1 MiB calls;
 //! - restore into fresh memory, as a VMM restores: the same, each run into a new
@@ -250,32 +257,88 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    // Sockets.
+    // Sockets: memory a user lends (borrowed: its pages must leave as copies) and memory
+    // nobody can write any more (owned: its pages may go by reference).
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let kinds: [(&str, &dyn Fn() -> Pair); 2] = [
         ("Unix socket", &unix_pair),
         ("TCP loopback", &|| tcp_pair(&listener)),
     ];
+    let owned = sealed_source(&r);
     for (name, pair) in kinds {
         let base_t = median(runs, || write_socket(&r, pair()));
-        for (path, drain) in [
-            ("pipes", Drain::Pipes),
-            ("memory", Drain::Memory),
-            ("default", Drain::Auto),
-        ] {
-            let d = median(runs, || to_socket(&r, pair(), drain));
-            if drain == Drain::Auto {
-                t.row(name, d, "write from the mapping", base_t);
-            } else {
-                paths.row(
-                    &format!("{name}, {path}"),
-                    d,
-                    "write from the mapping",
-                    base_t,
-                );
+        for (mem, src) in [("borrowed memory", &source), ("owned memory", &owned)] {
+            for (path, drain) in [
+                ("pipes", Drain::Pipes),
+                ("memory", Drain::Memory),
+                ("default", Drain::Auto),
+            ] {
+                let d = median(runs, || source_to_socket(&r, src, pair(), drain));
+                if drain == Drain::Auto {
+                    t.row(
+                        &format!("{name}, {mem}"),
+                        d,
+                        "write from the mapping",
+                        base_t,
+                    );
+                } else {
+                    paths.row(
+                        &format!("{name}, {mem}, {path}"),
+                        d,
+                        "write from the mapping",
+                        base_t,
+                    );
+                }
             }
         }
     }
+
+    // CRIU's page-server protocol: our client against writing the same messages (headers
+    // and pages from the mapping) by hand, into a peer that drops the pages; our server
+    // writing the image against our ImageWriter fed the same entries in-process. Nothing
+    // is synced on either side.
+    let img_ps = dir.join("ps");
+    let img_base = dir.join("writer");
+    for (name, tcp) in [("Unix socket", None), ("TCP loopback", Some(&listener))] {
+        let mut framing = Vec::new();
+        for (mem, src) in [("borrowed", &source), ("owned", &owned)] {
+            let ours = timed(runs, || {
+                let (c, s) = conn_pair(tcp);
+                let peer = sink_server(s);
+                let t = Instant::now();
+                to_page_server(&r, src, c);
+                let f = peer.join().expect("peer");
+                let d = t.elapsed();
+                framing = f;
+                d
+            });
+            let base_t = timed(runs, || {
+                let (c, s) = conn_pair(tcp);
+                let peer = sink_server(s);
+                let t = Instant::now();
+                write_framing(&r, &framing, c);
+                let got = peer.join().expect("peer");
+                let d = t.elapsed();
+                assert_eq!(got, framing);
+                d
+            });
+            t.row(
+                &format!("page-server client, {name}, {mem} memory"),
+                ours,
+                "write of the same messages",
+                base_t,
+            );
+        }
+        let ours = median(runs, || page_server_receives(&r, &framing, &img_ps, tcp));
+        let base_t = median(runs, || image_writer_from_mapping(&r, &framing, &img_base));
+        t.row(
+            &format!("page server writing images, {name}"),
+            ours,
+            "ImageWriter in-process",
+            base_t,
+        );
+    }
+    drop(owned);
 
     // Restore into memory already touched: no page faults, a different case from a
     // VMM's.
