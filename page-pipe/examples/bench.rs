@@ -67,6 +67,36 @@ fn timed(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
     t[t.len() / 2]
 }
 
+/// The medians of `runs` timings each of `base` and `ours`, measured alternately (which
+/// goes first changes every run), so that a machine whose load drifts during the run
+/// biases neither side. `f` returns the time it measured, so that it can leave setup out.
+fn paired(
+    runs: usize,
+    mut base: impl FnMut() -> Duration,
+    mut ours: impl FnMut() -> Duration,
+) -> (Duration, Duration) {
+    let (mut b, mut o) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        if run % 2 == 0 {
+            b.push(base());
+            o.push(ours());
+        } else {
+            o.push(ours());
+            b.push(base());
+        }
+    }
+    b.sort();
+    o.sort();
+    (b[b.len() / 2], o[o.len() / 2])
+}
+
+/// Times `f`.
+fn time(f: impl FnOnce()) -> Duration {
+    let s = Instant::now();
+    f();
+    s.elapsed()
+}
+
 /// The median of `runs` timings of `f`.
 fn median(runs: usize, mut f: impl FnMut()) -> Duration {
     timed(runs, || {
@@ -258,7 +288,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // Sockets: memory a user lends (borrowed: its pages must leave as copies) and memory
-    // nobody can write any more (owned: its pages may go by reference).
+    // nobody can write any more (owned: its pages may go by reference). Ours and the
+    // baseline alternate run by run.
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let kinds: [(&str, &dyn Fn() -> Pair); 2] = [
         ("Unix socket", &unix_pair),
@@ -266,14 +297,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let owned = sealed_source(&r);
     for (name, pair) in kinds {
-        let base_t = median(runs, || write_socket(&r, pair()));
         for (mem, src) in [("borrowed memory", &source), ("owned memory", &owned)] {
             for (path, drain) in [
                 ("pipes", Drain::Pipes),
                 ("memory", Drain::Memory),
                 ("default", Drain::Auto),
             ] {
-                let d = median(runs, || source_to_socket(&r, src, pair(), drain));
+                let (base_t, d) = paired(
+                    runs,
+                    || time(|| write_socket(&r, pair())),
+                    || time(|| source_to_socket(&r, src, pair(), drain)),
+                );
                 if drain == Drain::Auto {
                     t.row(
                         &format!("{name}, {mem}"),
@@ -296,32 +330,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // CRIU's page-server protocol: our client against writing the same messages (headers
     // and pages from the mapping) by hand, into a peer that drops the pages; our server
     // writing the image against our ImageWriter fed the same entries in-process. Nothing
-    // is synced on either side.
+    // is synced on either side. Ours and the baseline alternate run by run.
     let img_ps = dir.join("ps");
     let img_base = dir.join("writer");
     for (name, tcp) in [("Unix socket", None), ("TCP loopback", Some(&listener))] {
-        let mut framing = Vec::new();
+        // The messages our client sends, which the baseline sends too.
+        let (c, s) = conn_pair(tcp);
+        let peer = sink_server(s);
+        to_page_server(&r, &source, c);
+        let framing = peer.join().map_err(|_| "the peer failed")?;
         for (mem, src) in [("borrowed", &source), ("owned", &owned)] {
-            let ours = timed(runs, || {
-                let (c, s) = conn_pair(tcp);
-                let peer = sink_server(s);
-                let t = Instant::now();
-                to_page_server(&r, src, c);
-                let f = peer.join().expect("peer");
-                let d = t.elapsed();
-                framing = f;
-                d
-            });
-            let base_t = timed(runs, || {
-                let (c, s) = conn_pair(tcp);
-                let peer = sink_server(s);
-                let t = Instant::now();
-                write_framing(&r, &framing, c);
-                let got = peer.join().expect("peer");
-                let d = t.elapsed();
-                assert_eq!(got, framing);
-                d
-            });
+            let (base_t, ours) = paired(
+                runs,
+                || {
+                    let (c, s) = conn_pair(tcp);
+                    let peer = sink_server(s);
+                    time(|| {
+                        write_framing(&r, &framing, c);
+                        assert!(peer.join().expect("peer") == framing);
+                    })
+                },
+                || {
+                    let (c, s) = conn_pair(tcp);
+                    let peer = sink_server(s);
+                    time(|| {
+                        to_page_server(&r, src, c);
+                        assert!(peer.join().expect("peer") == framing, "the same messages");
+                    })
+                },
+            );
             t.row(
                 &format!("page-server client, {name}, {mem} memory"),
                 ours,
@@ -329,8 +366,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 base_t,
             );
         }
-        let ours = median(runs, || page_server_receives(&r, &framing, &img_ps, tcp));
-        let base_t = median(runs, || image_writer_from_mapping(&r, &framing, &img_base));
+        let (base_t, ours) = paired(
+            runs,
+            || time(|| image_writer_from_mapping(&r, &framing, &img_base)),
+            || time(|| page_server_receives(&r, &framing, &img_ps, tcp)),
+        );
         t.row(
             &format!("page server writing images, {name}"),
             ours,
