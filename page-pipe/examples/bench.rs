@@ -16,7 +16,8 @@
 //! - Unix socket and loopback TCP, a reader thread draining: a snapshot into the socket
 //!   against `write` from the mapping, of borrowed memory (`Source::with_slice`, what a
 //!   VMM lends: its pages leave as copies) and of owned memory (an anonymous mapping
-//!   handed to the source read-only: its pages may go by reference);
+//!   handed to the source read-only: its pages may go by reference), the baseline
+//!   writing from the same memory; ours and the baseline alternate run by run;
 //! - CRIU's page-server protocol, over both sockets: our client (`PageServerClient`, a
 //!   snapshot of borrowed and of owned memory) against `write` of the same messages
 //!   (headers, and pages from the mapping) into a peer that drops the pages; our server
@@ -298,6 +299,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let owned = sealed_source(&r);
     for (name, pair) in kinds {
         for (mem, src) in [("borrowed memory", &source), ("owned memory", &owned)] {
+            // The baseline writes from the very memory ours reads.
+            let bytes = src.get(r.base(), r.pages).ok_or("one region")?;
             for (path, drain) in [
                 ("pipes", Drain::Pipes),
                 ("memory", Drain::Memory),
@@ -305,7 +308,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ] {
                 let (base_t, d) = paired(
                     runs,
-                    || time(|| write_socket(&r, pair())),
+                    || time(|| write_socket_from(bytes, pair())),
                     || time(|| source_to_socket(&r, src, pair(), drain)),
                 );
                 if drain == Drain::Auto {
@@ -340,13 +343,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         to_page_server(&r, &source, c);
         let framing = peer.join().map_err(|_| "the peer failed")?;
         for (mem, src) in [("borrowed", &source), ("owned", &owned)] {
+            let bytes = src.get(r.base(), r.pages).ok_or("one region")?;
             let (base_t, ours) = paired(
                 runs,
                 || {
                     let (c, s) = conn_pair(tcp);
                     let peer = sink_server(s);
                     time(|| {
-                        write_framing(&r, &framing, c);
+                        write_framing_from(&r, bytes, &framing, c);
                         assert!(peer.join().expect("peer") == framing);
                     })
                 },

@@ -233,14 +233,19 @@ pub fn to_socket(r: &Region, pair: Pair, drain: Drain) {
 
 /// The baseline: `write` from the mapping, 1 MiB at a time.
 pub fn write_socket(r: &Region, pair: Pair) {
+    write_socket_from(&r.mem, pair)
+}
+
+/// The baseline: `write` from `mem`, 1 MiB at a time.
+pub fn write_socket_from(mem: &[u8], pair: Pair) {
     let (rx, tx) = pair;
     let reader = drain_thread(rx);
     let mut tx = File::from(tx);
-    for chunk in r.mem.chunks(1 << 20) {
+    for chunk in mem.chunks(1 << 20) {
         tx.write_all(chunk).expect("write");
     }
     drop(tx);
-    assert_eq!(reader.join().expect("reader"), r.bytes());
+    assert_eq!(reader.join().expect("reader"), mem.len() as u64);
 }
 
 /// Ours: restore the image into `dst`.
@@ -406,13 +411,18 @@ pub fn to_page_server(r: &Region, source: &Source<'_>, c: Conn) {
 
 /// The baseline: the same messages written by hand, `write` of each header and `write`
 /// of its pages straight from the mapping, reading the two replies.
-pub fn write_framing(r: &Region, framing: &[Message], mut c: Conn) {
+pub fn write_framing(r: &Region, framing: &[Message], c: Conn) {
+    write_framing_from(r, &r.mem, framing, c)
+}
+
+/// As [`write_framing`], with the region's pages taken from `mem` (a copy of it).
+pub fn write_framing_from(r: &Region, mem: &[u8], framing: &[Message], mut c: Conn) {
     let ps = r.ps as u64;
     for m in framing {
         c.write_all(&m.encode()).expect("header");
         if let Some(e) = m.entry().filter(|e| e.is_present()) {
             let at = (e.vaddr - r.base()) as usize;
-            c.write_all(&r.mem[at..at + (e.pages * ps) as usize])
+            c.write_all(&mem[at..at + (e.pages * ps) as usize])
                 .expect("pages");
         }
         match m {
