@@ -72,6 +72,17 @@ impl fmt::Display for ClientOp {
 
 /// Why a client failed. [`Display`](fmt::Display) names the peer and what the client was
 /// doing; [`source`](std::error::Error::source) gives the cause.
+///
+/// ```
+/// use std::error::Error;
+/// use page_pipe::page_server::{ClientError, PageServerClient};
+/// // A port nothing listens on (bound, then closed).
+/// let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+/// let e = PageServerClient::connect(("127.0.0.1", port), 1).unwrap_err();
+/// assert!(matches!(e, ClientError::Connect { .. }));
+/// assert!(e.source().is_some(), "the io::Error underneath");
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ClientError {

@@ -204,6 +204,16 @@ impl fmt::Display for SessionOp {
 }
 
 /// Why a session failed; the offset is the byte of the client's stream where it did.
+///
+/// ```
+/// use page_pipe::page_server::wire::{ImageId, Limits, Message};
+/// use page_pipe::page_server::{check_stream, SessionErrorKind};
+/// // OPEN2, then the stream ends without CLOSE.
+/// let s = Message::Open2 { image: ImageId::pagemap(1).unwrap() }.to_vec();
+/// let e = check_stream(&s, Limits::default(), 16).unwrap_err();
+/// assert!(matches!(e, SessionErrorKind::NotClosed { offset: 32 }));
+/// assert!(e.to_string().contains("without PS_IOV_CLOSE"));
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SessionErrorKind {
@@ -454,7 +464,26 @@ impl std::error::Error for ServerError {
     }
 }
 
-/// A connection accepted by [`PageServer::accept`], to hand to [`PageServer::serve`].
+/// A connection accepted by [`PageServer::accept`], to hand to [`PageServer::serve`];
+/// or one made otherwise (a socket pair, a socket handed down).
+///
+/// ```
+/// use std::os::unix::net::UnixStream;
+/// use page_pipe::page_server::{Incoming, PageServer, PageServerClient, ServerConfig};
+/// let dir = std::env::temp_dir().join(format!("pp-doc-incoming-{}", std::process::id()));
+/// let server = PageServer::bind("127.0.0.1:0", ServerConfig::new(&dir))?;
+/// let (a, b) = UnixStream::pair()?;
+/// let client = std::thread::spawn(move || {
+///     let mut c = PageServerClient::from_unix(a)?;
+///     c.open(page_pipe::page_server::wire::ImageId::pagemap(3).unwrap())?;
+///     c.close()
+/// });
+/// let report = server.serve(Incoming::from_unix(b))?;
+/// assert_eq!(report.images.len(), 1);
+/// client.join().unwrap()?;
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Incoming {
     stream: Stream,
@@ -781,6 +810,24 @@ impl Drop for PageServer {
 /// A [`PageServer`] serving on threads of its own. [`stop`](Self::stop) (or dropping it)
 /// stops accepting, shuts down the sessions still running (they commit nothing), and
 /// joins every thread.
+///
+/// ```
+/// use std::io::Write;
+/// use std::time::Duration;
+/// use page_pipe::page_server::{PageServer, ServerConfig, SessionErrorKind};
+/// let dir = std::env::temp_dir().join(format!("pp-doc-running-{}", std::process::id()));
+/// let running = PageServer::bind("127.0.0.1:0", ServerConfig::new(&dir))?.spawn()?;
+/// // A client that sends half a header and leaves.
+/// let mut s = std::net::TcpStream::connect(running.local_addr().unwrap())?;
+/// s.write_all(&[4, 0, 0])?;
+/// drop(s);
+/// let out = running.next_outcome(Duration::from_secs(5)).unwrap();
+/// assert!(matches!(out.result.unwrap_err().kind, SessionErrorKind::Wire(_)));
+/// let stats = running.stop();
+/// assert_eq!((stats.sessions, stats.ok, stats.failed), (1, 0, 1));
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct RunningServer {
     addr: Option<SocketAddr>,
