@@ -215,3 +215,56 @@ pub unsafe fn copy_from_raw(dst: &mut [u8], src: *const u8) {
         *b = unsafe { std::ptr::read_volatile(src.add(8 * words + i)) };
     }
 }
+
+/// `send(fd, iov.base, iov.len, MSG_NOSIGNAL [| MSG_MORE])`, repeated until all of it is
+/// sent: memory known only by address (which others may write meanwhile) into a socket,
+/// without `SIGPIPE` when the peer went away. The kernel reads the memory.
+///
+/// ```
+/// use std::io::Read;
+/// let (a, mut b) = std::os::unix::net::UnixStream::pair()?;
+/// let data = *b"raw";
+/// page_pipe_sys::send_raw_exact(&a, page_pipe_sys::RawIov { base: data.as_ptr(), len: 3 }, false).unwrap();
+/// let mut out = [0u8; 3];
+/// b.read_exact(&mut out)?;
+/// assert_eq!(&out, b"raw");
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Partial`] with the bytes sent: `EPIPE`, `ECONNRESET`, `EFAULT`, `EAGAIN` when
+/// `SO_SNDTIMEO` ran out.
+///
+/// # References
+/// - [`send(2)`](https://man7.org/linux/man-pages/man2/send.2.html)
+pub fn send_raw_exact(fd: impl AsFd, iov: RawIov, more: bool) -> std::result::Result<(), Partial> {
+    let fd = fd.as_fd().as_raw_fd();
+    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    let mut done = 0usize;
+    while done < iov.len {
+        let base = iov.base.wrapping_add(done).cast::<libc::c_void>();
+        // SAFETY:
+        // - `fd` is an open descriptor borrowed for this call;
+        // - the kernel only reads the bytes at `base` (an unmapped address gives EFAULT).
+        let n = unsafe { libc::send(fd, base, iov.len - done, flags) };
+        match n {
+            0 => {
+                return Err(Partial {
+                    done,
+                    stopped: Stopped::EndOfData,
+                });
+            }
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = last_errno();
+                if e != Errno::INTR {
+                    return Err(Partial {
+                        done,
+                        stopped: Stopped::Errno(e),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -14,7 +14,15 @@
 //!   Firecracker uses (`write_all` of each run from the mapping, seeking to its place);
 //!   neither syncs (`ImageWriter::with_sync(false)`);
 //! - Unix socket and loopback TCP, a reader thread draining: a snapshot into the socket
-//!   against `write` from the mapping;
+//!   against `write` from the mapping, of borrowed memory (`Source::with_slice`, what a
+//!   VMM lends: its pages leave as copies) and of owned memory (an anonymous mapping
+//!   handed to the source read-only: its pages may go by reference), the baseline
+//!   writing from the same memory; ours and the baseline alternate run by run;
+//! - CRIU's page-server protocol, over both sockets: our client (`PageServerClient`, a
+//!   snapshot of borrowed and of owned memory) against `write` of the same messages
+//!   (headers, and pages from the mapping) into a peer that drops the pages; our server
+//!   receiving those messages and writing the image against our `ImageWriter` fed the
+//!   same entries from the mapping in-process (neither syncs);
 //! - restore into touched memory: `Image::read` into a mapping whose pages were touched
 //!   before (their page faults out of the way) against a `pread` loop of 1 MiB calls;
 //! - restore into fresh memory, as a VMM restores: the same, each run into a new
@@ -82,6 +90,36 @@ fn timed(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
     let mut t: Vec<Duration> = (0..runs).map(|_| f()).collect();
     t.sort();
     t[t.len() / 2]
+}
+
+/// The medians of `runs` timings each of `base` and `ours`, measured alternately (which
+/// goes first changes every run), so that a machine whose load drifts during the run
+/// biases neither side. `f` returns the time it measured, so that it can leave setup out.
+fn paired(
+    runs: usize,
+    mut base: impl FnMut() -> Duration,
+    mut ours: impl FnMut() -> Duration,
+) -> (Duration, Duration) {
+    let (mut b, mut o) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        if run % 2 == 0 {
+            b.push(base());
+            o.push(ours());
+        } else {
+            o.push(ours());
+            b.push(base());
+        }
+    }
+    b.sort();
+    o.sort();
+    (b[b.len() / 2], o[o.len() / 2])
+}
+
+/// Times `f`.
+fn time(f: impl FnOnce()) -> Duration {
+    let s = Instant::now();
+    f();
+    s.elapsed()
 }
 
 /// The median of `runs` timings of `f`.
@@ -284,32 +322,101 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    // Sockets.
+    // Sockets: memory a user lends (borrowed: its pages must leave as copies) and memory
+    // nobody can write any more (owned: its pages may go by reference). Ours and the
+    // baseline alternate run by run.
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let kinds: [(&str, &dyn Fn() -> Pair); 2] = [
         ("Unix socket", &unix_pair),
         ("TCP loopback", &|| tcp_pair(&listener)),
     ];
+    let owned = sealed_source(&r);
     for (name, pair) in kinds {
-        let base_t = median(runs, || write_socket(&r, pair()));
-        for (path, drain) in [
-            ("pipes", Drain::Pipes),
-            ("memory", Drain::Memory),
-            ("default", Drain::Auto),
-        ] {
-            let d = median(runs, || to_socket(&r, pair(), drain));
-            if drain == Drain::Auto {
-                t.row(name, d, "write from the mapping", base_t);
-            } else {
-                paths.row(
-                    &format!("{name}, {path}"),
-                    d,
-                    "write from the mapping",
-                    base_t,
+        for (mem, src) in [("borrowed memory", &source), ("owned memory", &owned)] {
+            // The baseline writes from the very memory ours reads.
+            let bytes = src.get(r.base(), r.pages).ok_or("one region")?;
+            for (path, drain) in [
+                ("pipes", Drain::Pipes),
+                ("memory", Drain::Memory),
+                ("default", Drain::Auto),
+            ] {
+                let (base_t, d) = paired(
+                    runs,
+                    || time(|| write_socket_from(bytes, pair())),
+                    || time(|| source_to_socket(&r, src, pair(), drain)),
                 );
+                if drain == Drain::Auto {
+                    t.row(
+                        &format!("{name}, {mem}"),
+                        d,
+                        "write from the mapping",
+                        base_t,
+                    );
+                } else {
+                    paths.row(
+                        &format!("{name}, {mem}, {path}"),
+                        d,
+                        "write from the mapping",
+                        base_t,
+                    );
+                }
             }
         }
     }
+
+    // CRIU's page-server protocol: our client against writing the same messages (headers
+    // and pages from the mapping) by hand, into a peer that drops the pages; our server
+    // writing the image against our ImageWriter fed the same entries in-process. Nothing
+    // is synced on either side. Ours and the baseline alternate run by run.
+    let img_ps = dir.join("ps");
+    let img_base = dir.join("writer");
+    for (name, tcp) in [("Unix socket", None), ("TCP loopback", Some(&listener))] {
+        // The messages our client sends, which the baseline sends too.
+        let (c, s) = conn_pair(tcp);
+        let peer = sink_server(s);
+        to_page_server(&r, &source, c);
+        let framing = peer.join().map_err(|_| "the peer failed")?;
+        for (mem, src) in [("borrowed", &source), ("owned", &owned)] {
+            let bytes = src.get(r.base(), r.pages).ok_or("one region")?;
+            let (base_t, ours) = paired(
+                runs,
+                || {
+                    let (c, s) = conn_pair(tcp);
+                    let peer = sink_server(s);
+                    time(|| {
+                        write_framing_from(&r, bytes, &framing, c);
+                        assert!(peer.join().expect("peer") == framing);
+                    })
+                },
+                || {
+                    let (c, s) = conn_pair(tcp);
+                    let peer = sink_server(s);
+                    time(|| {
+                        to_page_server(&r, src, c);
+                        assert!(peer.join().expect("peer") == framing, "the same messages");
+                    })
+                },
+            );
+            t.row(
+                &format!("page-server client, {name}, {mem} memory"),
+                ours,
+                "write of the same messages",
+                base_t,
+            );
+        }
+        let (base_t, ours) = paired(
+            runs,
+            || time(|| image_writer_from_mapping(&r, &framing, &img_base)),
+            || time(|| page_server_receives(&r, &framing, &img_ps, tcp)),
+        );
+        t.row(
+            &format!("page server writing images, {name}"),
+            ours,
+            "ImageWriter in-process",
+            base_t,
+        );
+    }
+    drop(owned);
 
     // Restore into memory already touched: no page faults, a different case from a
     // VMM's.

@@ -5,6 +5,7 @@
 //! cargo run --release --example snapshot [-- --size 256M --dirty 10 --dir ./snapshots]
 //! cargo run --release --example snapshot -- inspect ./snapshots/2
 //! cargo run --release --example snapshot -- extract ./snapshots/2 --vaddr 7f0000000000 --pages 4 --out pages.bin
+//! cargo run --release --example snapshot -- --to 127.0.0.1:4000   # to a page server
 //! ```
 //!
 //! Options of the demo: `--size SIZE` (K, M or G; default 256M), `--dirty PERCENT` of pages
@@ -15,6 +16,10 @@
 //! `--tracker auto|sync|off` (how the incremental snapshot learns which pages changed:
 //! a `Tracker`, asynchronous where the kernel allows, or forced synchronous; `off` uses
 //! the dirtying pattern, as the demo does anyway where tracking is unavailable).
+//! `--to HOST:PORT` (send both snapshots to a page server, each a session of its own,
+//! instead of writing them here: run `page_server --dir DIR --port PORT --chain` so that
+//! the second lands as an incremental image on the first; a server without the parent
+//! gets the second in full).
 
 use std::fmt;
 use std::io::Write;
@@ -23,7 +28,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use memmap2::MmapOptions;
-use page_pipe::image::{Image, ImageWriter, PageFlags, PagemapEntry};
+use page_pipe::image::{Image, ImageSummary, ImageWriter, PageFlags, PagemapEntry};
+use page_pipe::page_server::PageServerClient;
 use page_pipe::snapshot::{Drain, SnapshotOptions, SnapshotReport, Span, snapshot, spans_from};
 use page_pipe::track::{Avoid, Method, TrackOptions, TrackRegion, Tracker};
 use page_pipe::{BufFlags, CaptureMode, HoleFlags, Source};
@@ -48,7 +54,7 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Fail> {
 }
 
 const USAGE: &str =
-    "usage: snapshot [--size SIZE] [--dirty PERCENT] [--dir DIR] [--single-pass] [--copy] [--tracker auto|sync|off]
+    "usage: snapshot [--size SIZE] [--dirty PERCENT] [--dir DIR] [--single-pass] [--copy] [--tracker auto|sync|off] [--to HOST:PORT]
        snapshot inspect DIR
        snapshot extract DIR --vaddr ADDR --pages N --out FILE";
 
@@ -158,7 +164,7 @@ fn dirty(i: u64, percent: f64) -> bool {
 fn demo(args: &[String]) -> Result<(), Fail> {
     let mut a = Args { rest: args };
     a.check(
-        &["--size", "--dirty", "--dir", "--drain", "--tracker"],
+        &["--size", "--dirty", "--dir", "--drain", "--tracker", "--to"],
         &["--single-pass", "--copy"],
         0,
     )?;
@@ -184,6 +190,7 @@ fn demo(args: &[String]) -> Result<(), Fail> {
         _ => return fail("--dirty takes a percentage from 0 to 100"),
     };
     let dir = PathBuf::from(a.value("--dir")?.unwrap_or("./snapshots"));
+    let to = a.value("--to")?;
     let opts = SnapshotOptions {
         drain,
         chunk_mode: !a.flag("--single-pass"),
@@ -207,7 +214,7 @@ fn demo(args: &[String]) -> Result<(), Fail> {
     }
     let base = mem.as_ptr() as u64;
     let (d1, d2) = (dir.join("1"), dir.join("2"));
-    for d in [&d1, &d2] {
+    for d in [&d1, &d2].into_iter().filter(|_| to.is_none()) {
         match std::fs::remove_dir_all(d) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -234,14 +241,18 @@ fn demo(args: &[String]) -> Result<(), Fail> {
     // Snapshot 1: everything.
     let full = {
         let source = Source::new().with_slice(base, &mem[..])?;
-        let mut w = ImageWriter::create(&d1, 1)?;
         let plan = [Span::Pages {
             addr: base,
             pages,
             flags: BufFlags::empty(),
         }];
-        let r = snapshot(&source, plan, &mut w, &opts)?;
-        (r, w.finish()?)
+        if let Some(addr) = to {
+            to_server(addr, &source, plan.to_vec(), pages, &opts)?
+        } else {
+            let mut w = ImageWriter::create(&d1, 1)?;
+            let r = snapshot(&source, plan, &mut w, &opts)?;
+            (r, w.finish()?)
+        }
     };
 
     // Track writes from here on, so that the incremental snapshot learns what changed
@@ -310,11 +321,28 @@ fn demo(args: &[String]) -> Result<(), Fail> {
     };
     let incr = {
         let source = Source::new().with_slice(base, &mem[..])?;
-        let mut w = ImageWriter::create(&d2, 1)?.with_parent(&d1)?;
-        let r = snapshot(&source, plan, &mut w, &opts)?;
-        (r, w.finish()?)
+        if let Some(addr) = to {
+            to_server(addr, &source, plan, pages, &opts)?
+        } else {
+            let mut w = ImageWriter::create(&d2, 1)?.with_parent(&d1)?;
+            let r = snapshot(&source, plan, &mut w, &opts)?;
+            (r, w.finish()?)
+        }
     };
     drop(tracker);
+    if let Some(addr) = to {
+        for (name, (r, s)) in [("full", &full), ("incremental", &incr)] {
+            println!(
+                "{name:<12} sent to {addr}: {} entries, {} pages ({}), {} in the parent, in {}",
+                s.entries,
+                s.present_pages,
+                human(s.present_pages * ps as u64),
+                s.parent_pages,
+                ms(r.add_time + r.capture_time + r.dump_time),
+            );
+        }
+        return Ok(());
+    }
 
     // Restore snapshot 2 through the chain into a fresh mapping and compare.
     let mut fresh = MmapOptions::new()
@@ -381,6 +409,52 @@ fn demo(args: &[String]) -> Result<(), Fail> {
         human(len as u64)
     );
     Ok(())
+}
+
+/// Sends a snapshot to the page server at `addr` as `pagemap-1.img`, in a session of its
+/// own. A plan with holes needs the server to hold the parent image; when it does not,
+/// all `pages` pages from the plan's start go.
+fn to_server(
+    addr: &str,
+    source: &Source<'_>,
+    plan: Vec<Span>,
+    pages: u64,
+    opts: &SnapshotOptions,
+) -> Result<(SnapshotReport, ImageSummary), Fail> {
+    // The page server's errors with their causes (a refused connection says why).
+    let fail = |e: &dyn std::error::Error| {
+        let mut msg = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            msg = format!("{msg}: {c}");
+            cause = c.source();
+        }
+        Fail(msg)
+    };
+    let mut client = PageServerClient::connect(addr, 1).map_err(|e| fail(&e))?;
+    let has_holes = plan.iter().any(|s| matches!(s, Span::Hole { .. }));
+    let plan = match plan.first() {
+        Some(Span::Pages { addr, .. } | Span::Hole { addr, .. })
+            if has_holes && !client.has_parent() =>
+        {
+            vec![Span::Pages {
+                addr: *addr,
+                pages,
+                flags: BufFlags::empty(),
+            }]
+        }
+        _ => plan,
+    };
+    let r = snapshot(source, plan, &mut client, opts).map_err(|e| fail(&e))?;
+    let sent = client.close().map_err(|e| fail(&e))?;
+    let summary = ImageSummary {
+        entries: sent.entries,
+        present_pages: sent.present_pages,
+        parent_pages: sent.parent_pages,
+        lazy_pages: sent.lazy_pages,
+        pagemap_bytes: 0,
+    };
+    Ok((r, summary))
 }
 
 fn inspect(args: &[String]) -> Result<(), Fail> {

@@ -53,6 +53,9 @@
 //! restores and received pages, without `unsafe` in the VMM's code; `guide::vmm` walks
 //! through it.
 //!
+//! [`page_server`] speaks CRIU's page-server
+//! protocol, to stream a dump to another host and to receive one.
+//!
 //! # Thread safety
 //!
 //! Every type is `Send` where its parts are: a [`PagePipe`] over [`KernelPipes`], a
@@ -74,6 +77,7 @@ pub mod guide;
 pub mod image;
 pub mod mode;
 pub mod page_pipe;
+pub mod page_server;
 mod progress;
 pub mod serve;
 mod serve_index;

@@ -606,6 +606,15 @@ impl<'a> Chunk<'a> {
         }
     }
 
+    /// Sends the chunk into the socket `fd` with `MSG_NOSIGNAL` (and `MSG_MORE` if `more`):
+    /// the kernel reads the memory.
+    pub(crate) fn send_to(&self, fd: BorrowedFd<'_>, more: bool) -> Result<(), Partial> {
+        match self.0 {
+            ChunkKind::Bytes(b) => page_pipe_sys::send_all(fd, b, more),
+            ChunkKind::Raw(r, _) => page_pipe_sys::send_raw_exact(fd, r, more),
+        }
+    }
+
     /// Copies the chunk into `dst`, which must be as long: a raw chunk with volatile loads.
     pub(crate) fn copy_to(&self, dst: &mut [u8]) {
         assert_eq!(

@@ -336,3 +336,27 @@ pub fn snapshot_demo() -> PathBuf {
     }
     demo
 }
+
+/// The example `name` of the `page-pipe` crate, built (once per test process and name,
+/// unless this is an unprivileged re-run) in the profile the tests run in.
+pub fn example_binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = profile_dir.join("examples").join(name);
+    if std::env::var_os(AS_NOBODY).is_none() {
+        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        if !built.iter().any(|b| b == name) {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-q", "-p", "page-pipe", "--example", name]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("run cargo build");
+            assert!(st.success(), "cannot build the example {name}");
+            built.push(name.to_string());
+        }
+    }
+    bin
+}

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use memmap2::{MmapMut, MmapOptions};
-use page_pipe::image::{Image, ImageWriter};
+use page_pipe::image::{CountFields, Image, ImageWriter};
+use page_pipe::page_server::wire::{ImageId, Limits, Message};
+use page_pipe::page_server::{Incoming, PageServer, PageServerClient, ServerConfig};
 use page_pipe::snapshot::{Drain, SnapshotOptions, Span, snapshot};
 use page_pipe::{BufFlags, Captured, FdSink, KernelPipes, PagePipe, PipePool, Source};
 use page_pipe_sys::{Pipe, SpliceFlags, pipe, set_pipe_capacity, vmsplice_all};
@@ -231,14 +233,19 @@ pub fn to_socket(r: &Region, pair: Pair, drain: Drain) {
 
 /// The baseline: `write` from the mapping, 1 MiB at a time.
 pub fn write_socket(r: &Region, pair: Pair) {
+    write_socket_from(&r.mem, pair)
+}
+
+/// The baseline: `write` from `mem`, 1 MiB at a time.
+pub fn write_socket_from(mem: &[u8], pair: Pair) {
     let (rx, tx) = pair;
     let reader = drain_thread(rx);
     let mut tx = File::from(tx);
-    for chunk in r.mem.chunks(1 << 20) {
+    for chunk in mem.chunks(1 << 20) {
         tx.write_all(chunk).expect("write");
     }
     drop(tx);
-    assert_eq!(reader.join().expect("reader"), r.bytes());
+    assert_eq!(reader.join().expect("reader"), mem.len() as u64);
 }
 
 /// Ours: restore the image into `dst`.
@@ -266,4 +273,211 @@ pub fn touched(bytes: usize) -> MmapMut {
     let mut m = MmapOptions::new().len(bytes).map_anon().expect("map");
     m.fill(1);
     m
+}
+
+/// An owned copy of the region that nobody can write any more (an anonymous mapping made
+/// read-only and handed to the source): its pages may leave the crate by reference, as
+/// those of a process's memory after a fork or a VMM's guest RAM after the guest stopped
+/// can (DESIGN.md, "When page references may leave the crate").
+pub fn sealed_source(r: &Region) -> Source<'static> {
+    let mut m = MmapOptions::new().len(r.mem.len()).map_anon().expect("map");
+    m.copy_from_slice(&r.mem);
+    let source = Source::new()
+        .with_mmap(r.base(), m.make_read_only().expect("read-only"))
+        .expect("a valid region");
+    assert!(source.is_sealed());
+    source
+}
+
+/// Ours: a whole snapshot of `source` (the region, borrowed or owned) into a socket, a
+/// reader thread draining it.
+pub fn source_to_socket(r: &Region, source: &Source<'_>, pair: Pair, drain: Drain) {
+    let (rx, tx) = pair;
+    let reader = drain_thread(rx);
+    let mut sink = FdSink::new(tx);
+    snapshot(source, r.plan(), &mut sink, &opts(drain)).expect("snapshot");
+    drop(sink);
+    assert_eq!(reader.join().expect("reader"), r.bytes());
+}
+
+/// A connected stream of either kind.
+pub enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(b),
+            Conn::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(b),
+            Conn::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Conn {
+    /// A page-server client on this end.
+    pub fn client(self) -> PageServerClient {
+        match self {
+            Conn::Unix(s) => PageServerClient::from_unix(s),
+            Conn::Tcp(s) => PageServerClient::from_tcp(s),
+        }
+        .expect("client")
+    }
+
+    /// This end, for a page server to serve.
+    pub fn incoming(self) -> Incoming {
+        match self {
+            Conn::Unix(s) => Incoming::from_unix(s),
+            Conn::Tcp(s) => Incoming::from_tcp(s),
+        }
+    }
+}
+
+/// A connected pair (client end, server end): a Unix socket pair, or TCP on loopback
+/// (no Nagle delay, as the page-server client and server set it).
+pub fn conn_pair(tcp: Option<&TcpListener>) -> (Conn, Conn) {
+    match tcp {
+        None => {
+            let (a, b) = UnixStream::pair().expect("socketpair");
+            (Conn::Unix(a), Conn::Unix(b))
+        }
+        Some(l) => {
+            let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+            let (b, _) = l.accept().expect("accept");
+            a.set_nodelay(true).expect("nodelay");
+            b.set_nodelay(true).expect("nodelay");
+            (Conn::Tcp(a), Conn::Tcp(b))
+        }
+    }
+}
+
+/// A page server that writes nothing: answers `OPEN2` and `CLOSE`, reads and drops the
+/// pages, and returns the messages it got (the framing).
+pub fn sink_server(mut s: Conn) -> std::thread::JoinHandle<Vec<Message>> {
+    std::thread::spawn(move || {
+        let limits = Limits::default();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let mut h = [0u8; 32];
+            if s.read_exact(&mut h).is_err() {
+                return got;
+            }
+            let m = Message::decode(&h, &limits).expect("a valid header");
+            let mut left = m.payload_len(limits.page_size) as usize;
+            while left > 0 {
+                let n = left.min(buf.len());
+                s.read_exact(&mut buf[..n]).expect("pages");
+                left -= n;
+            }
+            got.push(m);
+            match m {
+                Message::Open2 { .. } => s.write_all(&[0]).expect("reply"),
+                Message::Close => {
+                    s.write_all(&0i32.to_ne_bytes()).expect("reply");
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest);
+                    return got;
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// Ours: a snapshot of `source` sent with a page-server client (`OPEN2`, an `ADD_F` per
+/// run with its pages, `CLOSE` and its reply).
+pub fn to_page_server(r: &Region, source: &Source<'_>, c: Conn) {
+    let mut client = c.client();
+    client
+        .open(ImageId::pagemap(1).expect("id"))
+        .expect("OPEN2");
+    snapshot(source, r.plan(), &mut client, &SnapshotOptions::default()).expect("snapshot");
+    client.close().expect("CLOSE");
+}
+
+/// The baseline: the same messages written by hand, `write` of each header and `write`
+/// of its pages straight from the mapping, reading the two replies.
+pub fn write_framing(r: &Region, framing: &[Message], c: Conn) {
+    write_framing_from(r, &r.mem, framing, c)
+}
+
+/// As [`write_framing`], with the region's pages taken from `mem` (a copy of it).
+pub fn write_framing_from(r: &Region, mem: &[u8], framing: &[Message], mut c: Conn) {
+    let ps = r.ps as u64;
+    for m in framing {
+        c.write_all(&m.encode()).expect("header");
+        if let Some(e) = m.entry().filter(|e| e.is_present()) {
+            let at = (e.vaddr - r.base()) as usize;
+            c.write_all(&mem[at..at + (e.pages * ps) as usize])
+                .expect("pages");
+        }
+        match m {
+            Message::Open2 { .. } => {
+                let mut b = [0u8; 1];
+                c.read_exact(&mut b).expect("OPEN2 reply");
+            }
+            Message::Close => {
+                let mut b = [0u8; 4];
+                c.read_exact(&mut b).expect("CLOSE reply");
+                assert_eq!(b, [0; 4], "the server wrote the images");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Ours: a page server receiving `framing` (sent by [`write_framing`] on another thread)
+/// and writing the image into `dir`, not synced; returns when the session is over (the
+/// image committed and the client gone).
+pub fn page_server_receives(
+    r: &Region,
+    framing: &[Message],
+    dir: &Path,
+    tcp: Option<&TcpListener>,
+) {
+    let server = PageServer::bind(
+        "127.0.0.1:0",
+        ServerConfig {
+            sync: false,
+            ..ServerConfig::new(dir)
+        },
+    )
+    .expect("server");
+    let (client, end) = conn_pair(tcp);
+    std::thread::scope(|s| {
+        s.spawn(|| write_framing(r, framing, client));
+        let report = server.serve(end.incoming()).expect("session");
+        assert_eq!(report.images[0].summary.present_pages, r.pages);
+    });
+}
+
+/// The baseline: the same entries written into an image in-process from the mapping, as
+/// the page server writes them (one entry each, CRIU 4.x counts), not synced.
+pub fn image_writer_from_mapping(r: &Region, framing: &[Message], dir: &Path) {
+    let mut w = ImageWriter::create_with_pages_id(dir, 1, 65537)
+        .expect("create")
+        .with_joining(false)
+        .with_count_fields(CountFields::Criu4)
+        .with_sync(false);
+    let ps = r.ps as u64;
+    for e in framing.iter().filter_map(Message::entry) {
+        let at = (e.vaddr - r.base()) as usize;
+        w.push_bytes(e, &r.mem[at..at + (e.pages * ps) as usize])
+            .expect("push");
+    }
+    w.finish().expect("finish");
 }

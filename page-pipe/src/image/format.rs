@@ -122,12 +122,46 @@ pub(crate) fn encode_head(pages_id: u32, out: &mut Vec<u8>) {
     );
 }
 
+/// Which fields of a pagemap entry carry its page count when it is written.
+///
+/// CRIU 1.x to 3.x read `compat_nr_pages` (field 2, 32 bits); CRIU 4.x and its `crit` read
+/// `nr_pages` (field 5) when it is there, and write 0 in field 2 (which is required, so
+/// it is always written). Readers of this crate take field 5 when present, else field 2.
+///
+/// ```
+/// use page_pipe::image::CountFields;
+/// assert_eq!(CountFields::default(), CountFields::Both);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CountFields {
+    /// Both fields (entries of more than `u32::MAX` pages are split so that field 2
+    /// holds them): old and new CRIU and `crit` read the same counts. The default.
+    #[default]
+    Both,
+    /// Field 5 only, field 2 written as 0, entries never split: byte for byte what CRIU
+    /// 4.x writes (its dump and its page server). CRIU and `crit` before 4.0 read every
+    /// entry as 0 pages.
+    Criu4,
+}
+
 /// Appends one entry, with its page count in both fields (it must fit 32 bits).
 pub(crate) fn encode_entry(e: &PagemapEntry, out: &mut Vec<u8>) {
-    debug_assert!(e.pages <= MAX_ENTRY_PAGES);
+    encode_entry_counts(e, CountFields::Both, out)
+}
+
+/// Appends one entry, with its page count in the fields `counts` says (with
+/// [`CountFields::Both`] it must fit 32 bits).
+pub(crate) fn encode_entry_counts(e: &PagemapEntry, counts: CountFields, out: &mut Vec<u8>) {
+    let compat = match counts {
+        CountFields::Both => {
+            debug_assert!(e.pages <= MAX_ENTRY_PAGES);
+            e.pages as u32
+        }
+        CountFields::Criu4 => 0,
+    };
     let msg = PagemapEntryMsg {
         vaddr: Some(e.vaddr),
-        compat_nr_pages: Some(e.pages as u32),
+        compat_nr_pages: Some(compat),
         in_parent: None,
         flags: Some(e.flags.bits()),
         nr_pages: Some(e.pages),
@@ -467,6 +501,30 @@ mod tests {
         let len = u32::from_le_bytes(bytes[14..18].try_into().unwrap()) as usize;
         let m = PagemapEntryMsg::decode(&bytes[18..18 + len]).unwrap();
         assert_eq!((m.compat_nr_pages, m.nr_pages), (Some(2), Some(2)));
+    }
+
+    #[test]
+    fn criu4_counts_leave_field_2_at_zero_and_read_back_from_field_5() {
+        let entry = e(
+            0x7f00_0000_0000,
+            0x1_0000_0002,
+            PageFlags::LAZY | PageFlags::PRESENT,
+        );
+        let mut bytes = Vec::new();
+        encode_head(65537, &mut bytes);
+        encode_entry_counts(&entry, CountFields::Criu4, &mut bytes);
+        // The magics, then the head's length word and body, then the entry's.
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let at = 8 + 4 + word(8);
+        let len = word(at);
+        let m = PagemapEntryMsg::decode(&bytes[at + 4..at + 4 + len]).unwrap();
+        assert_eq!(
+            (m.compat_nr_pages, m.nr_pages),
+            (Some(0), Some(entry.pages))
+        );
+        assert_eq!(m.in_parent, None);
+        let pm = Pagemap::decode(&bytes, 4096).unwrap();
+        assert_eq!((pm.pages_id, pm.entries), (65537, vec![entry]));
     }
 
     #[test]

@@ -29,9 +29,11 @@
 //!   removes its temporary files.
 //! - It writes each entry's page count in both `compat_nr_pages` (field 2, which older
 //!   CRIU and `crit` read) and `nr_pages` (field 5, which CRIU 4.x reads), splitting
-//!   entries of more than `u32::MAX` pages. By default it joins contiguous entries with
-//!   equal flags, so a capture made in chunks writes the same image as one made in one
-//!   pass ([`ImageWriter::with_joining`] turns it off, as CRIU's page server writes).
+//!   entries of more than `u32::MAX` pages; [`ImageWriter::with_count_fields`] writes
+//!   them as CRIU 4.x does instead (field 5 only, field 2 zero). By default it joins
+//!   contiguous entries with equal flags, so a capture made in chunks writes the same
+//!   image as one made in one pass ([`ImageWriter::with_joining`] turns it off, as CRIU's
+//!   page server writes).
 //! - [`Image::open`] opens image files with `O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC` and
 //!   accepts regular files only: a symlink, FIFO, device, socket or directory at an
 //!   image's name is an error ([`ImageError::Symlink`], [`ImageError::NotRegular`]), at
@@ -55,15 +57,17 @@ mod restore;
 mod writer;
 
 pub use error::{FileKind, ImageError};
+pub(crate) use files::open_regular;
 pub use format::{
-    FormatAt, FormatError, IMG_COMMON_MAGIC, PAGEMAP_MAGIC, PageFlags, Pagemap, PagemapEntry,
+    CountFields, FormatAt, FormatError, IMG_COMMON_MAGIC, PAGEMAP_MAGIC, PageFlags, Pagemap,
+    PagemapEntry,
 };
 pub use reader::{Image, Page};
 pub use restore::{
     MAX_AUTO_THREADS, MIN_BYTES_PER_THREAD, ReadReport, RestoreOptions, RestorePlan, Segment,
     SegmentKind,
 };
-pub use writer::{ImageSummary, ImageWriter};
+pub use writer::{ImageSummary, ImageWriter, PagesAppender};
 
 /// The deepest parent chain [`Image::open`] follows.
 pub const MAX_PARENT_DEPTH: usize = 64;
@@ -84,6 +88,16 @@ pub const MAX_PAGEMAP_BYTES: u64 = 256 << 20;
 /// ```
 pub fn pagemap_name(id: u64) -> String {
     format!("pagemap-{id}.img")
+}
+
+/// The name of the shared-memory pagemap image with id `id` (CRIU's
+/// `pagemap-shmem-<id>.img`, which its page server receives as image type 2).
+///
+/// ```
+/// assert_eq!(page_pipe::image::shmem_pagemap_name(7), "pagemap-shmem-7.img");
+/// ```
+pub fn shmem_pagemap_name(id: u64) -> String {
+    format!("pagemap-shmem-{id}.img")
 }
 
 /// The name of the pages file with id `pages_id`.

@@ -12,8 +12,8 @@ use page_pipe_sys::{SpliceFlags, Stopped};
 
 use super::error::{ImageError, io_err};
 use super::files::{DIR_MODE, create_temp, link_temp, remove_if_there, sync_dir, write_all_at};
-use super::format::{MAX_ENTRY_PAGES, encode_entry, encode_head};
-use super::{PageFlags, PagemapEntry, pagemap_name, pages_name};
+use super::format::{CountFields, MAX_ENTRY_PAGES, encode_entry_counts, encode_head};
+use super::{PageFlags, PagemapEntry, pagemap_name, pages_name, shmem_pagemap_name};
 
 /// What an [`ImageWriter`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,6 +84,7 @@ pub struct ImageWriter {
     summary: ImageSummary,
     sync: bool,
     join: bool,
+    counts: CountFields,
 }
 
 /// Bytes of encoded entries that make the writer write them out.
@@ -109,15 +110,45 @@ impl ImageWriter {
         id: u64,
         pages_id: u32,
     ) -> Result<Self, ImageError> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::create_named(dir.as_ref(), id, pagemap_name(id), pages_id)
+    }
+
+    /// As [`create_with_pages_id`](Self::create_with_pages_id), for the pagemap of a
+    /// shared memory object: `pagemap-shmem-<id>.img` (CRIU dumps anonymous shared
+    /// memory this way; its page server receives it as image type 2).
+    ///
+    /// ```
+    /// # use page_pipe::image::ImageWriter;
+    /// # let dir = std::env::temp_dir().join(format!("pp-doc-shmem-{}", std::process::id()));
+    /// let w = ImageWriter::create_shmem_with_pages_id(&dir, 9, 65537)?;
+    /// assert!(w.pagemap_path().ends_with("pagemap-shmem-9.img"));
+    /// w.finish()?;
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), page_pipe::image::ImageError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ImageError::Io`] naming the directory or file.
+    pub fn create_shmem_with_pages_id(
+        dir: impl AsRef<Path>,
+        id: u64,
+        pages_id: u32,
+    ) -> Result<Self, ImageError> {
+        Self::create_named(dir.as_ref(), id, shmem_pagemap_name(id), pages_id)
+    }
+
+    /// Starts an image whose pagemap is called `name` (made by a `*_name` function of
+    /// this crate from numbers, never from outside input).
+    fn create_named(dir: &Path, id: u64, name: String, pages_id: u32) -> Result<Self, ImageError> {
+        let dir = dir.to_path_buf();
         DirBuilder::new()
             .recursive(true)
             .mode(DIR_MODE)
             .create(&dir)
             .map_err(io_err(&dir, "make the directory"))?;
-        let pagemap_path = dir.join(pagemap_name(id));
+        let pagemap_path = dir.join(&name);
         let pages_path = dir.join(pages_name(pages_id));
-        let (pagemap, pagemap_tmp) = create_temp(&dir, &pagemap_name(id))?;
+        let (pagemap, pagemap_tmp) = create_temp(&dir, &name)?;
         let (pages, pages_tmp) = match create_temp(&dir, &pages_name(pages_id)) {
             Ok(p) => p,
             Err(e) => {
@@ -148,6 +179,7 @@ impl ImageWriter {
             summary: ImageSummary::default(),
             sync: true,
             join: true,
+            counts: CountFields::Both,
         })
     }
 
@@ -214,6 +246,26 @@ impl ImageWriter {
     /// ```
     pub fn with_joining(mut self, join: bool) -> Self {
         self.join = join;
+        self
+    }
+
+    /// Which fields carry each entry's page count (default [`CountFields::Both`]).
+    /// [`CountFields::Criu4`] writes the pagemap byte for byte as CRIU 4.x does: field 5
+    /// only, field 2 zero, and no entry split however large.
+    ///
+    /// ```
+    /// # use page_pipe::image::{CountFields, Image, ImageWriter, PageFlags, PagemapEntry};
+    /// # let dir = std::env::temp_dir().join(format!("pp-doc-counts-{}", std::process::id()));
+    /// let mut w = ImageWriter::create(&dir, 1)?.with_count_fields(CountFields::Criu4);
+    /// w.push(PagemapEntry { vaddr: 0x10000, pages: 3, flags: PageFlags::LAZY })?;
+    /// w.finish()?;
+    /// // Readers take the count from field 5.
+    /// assert_eq!(Image::open(&dir)?.entries()[0].pages, 3);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), page_pipe::image::ImageError>(())
+    /// ```
+    pub fn with_count_fields(mut self, counts: CountFields) -> Self {
+        self.counts = counts;
         self
     }
 
@@ -382,6 +434,48 @@ impl ImageWriter {
         self.record(e)
     }
 
+    /// Starts a `PRESENT` entry whose pages arrive in parts (from a socket, say): the
+    /// returned [`PagesAppender`] takes them, from pipes or as bytes, and
+    /// [`PagesAppender::finish`] adds the entry once all `e.pages` pages are in. An
+    /// appender dropped before that fails the writer (it refuses to finish), since the
+    /// pages file then holds part of an entry.
+    ///
+    /// ```
+    /// use page_pipe::image::{Image, ImageWriter, PageFlags, PagemapEntry};
+    /// let dir = std::env::temp_dir().join(format!("pp-doc-appender-{}", std::process::id()));
+    /// let ps = page_pipe::page_size();
+    /// let mut w = ImageWriter::create(&dir, 1)?;
+    /// let e = PagemapEntry { vaddr: 0x40 * ps as u64, pages: 2, flags: PageFlags::PRESENT };
+    /// let mut a = w.begin_pages(e)?;
+    /// a.append_bytes(&vec![1u8; ps])?;
+    /// assert_eq!(a.left(), ps as u64);
+    /// a.append_bytes(&vec![2u8; ps])?;
+    /// a.finish()?;
+    /// w.finish()?;
+    /// let mut back = vec![0u8; 2 * ps];
+    /// Image::open(&dir)?.read(e.vaddr, &mut back)?;
+    /// assert!(back[..ps].iter().all(|&b| b == 1) && back[ps..].iter().all(|&b| b == 2));
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), page_pipe::image::ImageError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`push`](Self::push).
+    pub fn begin_pages(&mut self, e: PagemapEntry) -> Result<PagesAppender<'_>, ImageError> {
+        let e = PagemapEntry {
+            flags: e.flags | PageFlags::PRESENT,
+            ..e
+        };
+        self.check(&e)?;
+        let left = e.pages * self.page_size as u64;
+        Ok(PagesAppender {
+            w: self,
+            e,
+            left,
+            done: false,
+        })
+    }
+
     /// Counts `e` and joins it to the pending entry, or encodes the pending entry and
     /// keeps `e` pending.
     fn record(&mut self, e: PagemapEntry) -> Result<(), ImageError> {
@@ -412,15 +506,20 @@ impl ImageWriter {
         Ok(())
     }
 
-    /// Encodes `p`, split into entries of at most `u32::MAX` pages.
+    /// Encodes `p`, split into entries of at most `u32::MAX` pages when field 2 carries
+    /// the count.
     fn encode(&mut self, mut p: PagemapEntry) {
         let ps = self.page_size as u64;
+        let most = match self.counts {
+            CountFields::Both => MAX_ENTRY_PAGES,
+            CountFields::Criu4 => u64::MAX,
+        };
         while p.pages > 0 {
             let part = PagemapEntry {
-                pages: p.pages.min(MAX_ENTRY_PAGES),
+                pages: p.pages.min(most),
                 ..p
             };
-            encode_entry(&part, &mut self.buf);
+            encode_entry_counts(&part, self.counts, &mut self.buf);
             self.summary.entries += 1;
             p.pages -= part.pages;
             p.vaddr += part.pages * ps;
@@ -497,6 +596,129 @@ impl ImageWriter {
     /// What has been written so far (entries still pending are not counted).
     pub fn summary(&self) -> ImageSummary {
         self.summary
+    }
+}
+
+/// A `PRESENT` entry of an [`ImageWriter`] whose pages arrive in parts; made by
+/// [`ImageWriter::begin_pages`]. Its pages go into the pages file as they come; the entry
+/// is added by [`finish`](Self::finish) once all of them are in. Dropped before that, it
+/// fails its writer.
+#[derive(Debug)]
+pub struct PagesAppender<'w> {
+    w: &'w mut ImageWriter,
+    e: PagemapEntry,
+    left: u64,
+    done: bool,
+}
+
+impl PagesAppender<'_> {
+    /// The entry.
+    pub fn entry(&self) -> PagemapEntry {
+        self.e
+    }
+
+    /// Bytes of the entry's pages still to come.
+    pub fn left(&self) -> u64 {
+        self.left
+    }
+
+    /// Refuses a part that passes the end of the entry, and fails the writer.
+    fn take(&mut self, len: usize) -> Result<(), ImageError> {
+        if let Some(f) = &self.w.failed {
+            return Err(f.duplicate());
+        }
+        if len as u64 > self.left {
+            let err = ImageError::Order {
+                path: self.w.pagemap_path.clone(),
+                entry: self.e,
+            };
+            return Err(self.w.fail(err));
+        }
+        Ok(())
+    }
+
+    /// Moves the next `len` bytes of the entry's pages from the front of `pipe` into the
+    /// pages file with `splice`.
+    ///
+    /// # Errors
+    /// [`ImageError::Order`] when `len` passes the end of the entry; [`ImageError::Io`]
+    /// naming the pages file when the pages cannot all be written (the pipe holds too
+    /// few bytes, `ENOSPC`). The writer then refuses to finish.
+    pub fn append_from_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> Result<(), ImageError> {
+        self.take(len)?;
+        let w = &mut *self.w;
+        let mut off = w.pages_off;
+        let r = page_pipe_sys::splice_exact(
+            pipe,
+            None,
+            w.pages.as_fd(),
+            Some(&mut off),
+            len,
+            SpliceFlags::empty(),
+        );
+        if let Err(partial) = r {
+            let error = match partial.stopped {
+                Stopped::Errno(e) => io::Error::from(e),
+                Stopped::EndOfData => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the pipe held {} of {len} bytes", partial.done),
+                ),
+            };
+            let err = io_err(&w.pages_path, "write pages")(error);
+            return Err(w.fail(err));
+        }
+        w.pages_off = off;
+        self.left -= len as u64;
+        Ok(())
+    }
+
+    /// Writes the next `bytes.len()` bytes of the entry's pages into the pages file.
+    ///
+    /// # Errors
+    /// As [`append_from_pipe`](Self::append_from_pipe).
+    pub fn append_bytes(&mut self, bytes: &[u8]) -> Result<(), ImageError> {
+        self.take(bytes.len())?;
+        let w = &mut *self.w;
+        if let Err(error) = write_all_at(&w.pages, bytes, w.pages_off) {
+            let err = io_err(&w.pages_path, "write pages")(error);
+            return Err(w.fail(err));
+        }
+        w.pages_off += bytes.len() as u64;
+        self.left -= bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Adds the entry, once all its pages are in.
+    ///
+    /// # Errors
+    /// [`ImageError::Order`] when pages are missing (the writer then refuses to finish);
+    /// the writer's first error if it failed.
+    pub fn finish(mut self) -> Result<(), ImageError> {
+        self.done = true;
+        if let Some(f) = &self.w.failed {
+            return Err(f.duplicate());
+        }
+        if self.left != 0 {
+            let err = ImageError::Order {
+                path: self.w.pagemap_path.clone(),
+                entry: self.e,
+            };
+            return Err(self.w.fail(err));
+        }
+        self.w.record(self.e)
+    }
+}
+
+impl Drop for PagesAppender<'_> {
+    /// Fails the writer when the entry did not get all its pages.
+    fn drop(&mut self) {
+        if !self.done && self.w.failed.is_none() {
+            let err = ImageError::Order {
+                path: self.w.pagemap_path.clone(),
+                entry: self.e,
+            };
+            self.w.fail(err);
+        }
     }
 }
 
