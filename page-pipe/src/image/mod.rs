@@ -1,5 +1,5 @@
 //! CRIU-compatible images: write them, read them back, restore memory through the parent
-//! chain (eagerly, or by mapping).
+//! chain (eagerly, or by mapping), flatten chains and compare images.
 //!
 //! An image directory holds `pagemap-<id>.img` (the image magic `0x54564319`, the pagemap
 //! magic `0x56084025`, then u32-length-prefixed protobuf messages: one `pagemap_head`,
@@ -47,7 +47,7 @@
 //!   (`map.rs`), which states what it relies on.
 //! - One plan decides where each page comes from ([`Image::plan`]): the nearest image of
 //!   the chain that holds it. Every way of moving pages follows it: the eager restore,
-//!   and the restore by mapping.
+//!   the restore by mapping, [`Image::flatten`] and [`Image::diff`].
 //! - A restore ([`Image::restore`], [`Image::read`]) reads each byte once; pages the chain
 //!   does not hold are zeros and counted in the [`ReadReport`], or an error
 //!   ([`ImageError::NotInImage`]) with [`RestoreOptions::strict`]. It reads straight into
@@ -58,16 +58,25 @@
 //!   memory and in a pages file, and counts them first: a plan that would bring the
 //!   process near `vm.max_map_count` is [`ImageError::TooManyMappings`], and nothing is
 //!   mapped.
+//! - [`Image::flatten`] writes the chain as one full image that restores to the same
+//!   pages (lazy-only pages stay lazy), streamed with `copy_file_range`, committed as
+//!   every image is; [`Image::diff`] compares two chains through their plans, 1 MiB at a
+//!   time. Neither holds more than a few MiB of pages in memory, however large the
+//!   image.
 
+mod diff;
 mod error;
 mod files;
+mod flatten;
 mod format;
 mod map;
 mod reader;
 mod restore;
 mod writer;
 
+pub use diff::{DiffKind, DiffSpan, diff};
 pub use error::{FileKind, ImageError};
+pub use flatten::{FlattenOptions, flatten};
 pub use format::{
     FormatAt, FormatError, IMG_COMMON_MAGIC, PAGEMAP_MAGIC, PageFlags, Pagemap, PagemapEntry,
 };
