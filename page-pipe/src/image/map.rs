@@ -26,9 +26,11 @@
 //!   [`MapOptions::zero_holes`] (a private anonymous `MAP_FIXED` mapping, which replaces
 //!   whatever was there; `madvise(MADV_DONTNEED)` would zero only private anonymous
 //!   memory, and the destination may be anything).
-//! - Before mapping, it counts: each segment becomes or leaves a mapping of its own,
-//!   and the destination's ends may split the mapping around it, so a plan of `n`
-//!   segments may add `n + 2` mappings. If that would leave fewer than
+//! - Before mapping, it counts: each mapped segment is a mapping of its own, each run of
+//!   holes left between them is what remains of the mapping that was there, and the
+//!   destination's ends may split the mappings around it; so scattered single pages
+//!   need two mappings each (65530, the usual `vm.max_map_count`, is reached at about
+//!   32,700 of them). If the count would leave fewer than
 //!   [`MAP_COUNT_RESERVE`] below `vm.max_map_count` (counting the process's mappings
 //!   now), it is [`ImageError::TooManyMappings`], with the advice to flatten the image or
 //!   restore it eagerly, and nothing is mapped.
@@ -43,7 +45,7 @@ use std::io;
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 
 use super::error::io_err;
-use super::{Image, ImageError, ReadReport, RestoreOptions, SegmentKind};
+use super::{Image, ImageError, ReadReport, RestoreOptions, Segment, SegmentKind};
 
 /// Mappings a restore by mapping leaves free below `vm.max_map_count` for the rest of
 /// the process (its libraries, thread stacks, allocator arenas, later mappings).
@@ -131,12 +133,12 @@ pub(super) fn prefault(dst: &mut [u8]) -> bool {
     }
     let pages = &mut dst[skip..skip + whole];
     // SAFETY:
-    // - `pages` is page-aligned and whole pages, inside `dst`, which the caller borrows
-    //   exclusively (the borrow checker's invariant): no one else reads or writes it
-    //   during the call;
-    // - MADV_POPULATE_WRITE changes no byte of the memory and no mapping: it only fills
-    //   page tables as a write fault would (the kernel's documented behaviour), so the
-    //   slice's contents are what they were.
+    // - `pages` is page-aligned whole pages inside `dst` (computed just above);
+    // - `dst` is borrowed exclusively (the borrow checker's invariant), so no one else
+    //   reads or writes it during the call;
+    // - MADV_POPULATE_WRITE changes no byte and no mapping, only fills page tables as a
+    //   write fault would (the kernel's documented behaviour), so the slice still holds
+    //   what it held.
     let r = unsafe {
         rustix::mm::madvise(
             pages.as_mut_ptr().cast::<c_void>(),
@@ -145,6 +147,24 @@ pub(super) fn prefault(dst: &mut [u8]) -> bool {
         )
     };
     r.is_ok()
+}
+
+/// The mappings a restore by mapping may add for `segments`, of which `maps` says
+/// which are mapped: one per mapped segment, one per run of segments left as they
+/// were between them (what remains of the mapping that was there), and two for the
+/// mappings around the destination, which its ends may split. None when nothing is
+/// mapped.
+fn mappings_needed(segments: &[Segment], maps: impl Fn(SegmentKind) -> bool) -> usize {
+    let mapped = segments.iter().filter(|s| maps(s.kind)).count();
+    if mapped == 0 {
+        return 0;
+    }
+    let kept_runs = segments
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| !maps(s.kind) && (*i == 0 || maps(segments[i - 1].kind)))
+        .count();
+    mapped + kept_runs + 2
 }
 
 impl Image {
@@ -223,7 +243,7 @@ impl Image {
             SegmentKind::Pages { .. } => true,
             SegmentKind::Zero | SegmentKind::Lazy => opts.zero_holes,
         };
-        let needed = plan.segments.len() + 2;
+        let needed = mappings_needed(&plan.segments, maps);
         let (available, limit) = match opts.max_mappings {
             Some(n) => (n, n),
             None => {
@@ -234,7 +254,7 @@ impl Image {
                 (free, limit)
             }
         };
-        if !plan.segments.is_empty() && needed > available {
+        if needed > available {
             return Err(ImageError::TooManyMappings {
                 needed,
                 available,
@@ -268,21 +288,21 @@ impl Image {
         let flags = MapFlags::PRIVATE | MapFlags::FIXED;
         for s in plan.segments.iter().filter(|s| maps(s.kind)) {
             let at = (s.vaddr - vaddr) as usize;
-            // SAFETY: `at + s.len <= len`, since the plan covers `vaddr..vaddr + len`
-            // exactly; the caller promises `dst..dst + len` is one range of theirs.
-            let ptr = unsafe { dst.add(at) }.cast::<c_void>();
+            // In `dst..dst + len`: the plan covers `vaddr..vaddr + len` exactly.
+            let ptr = dst.wrapping_add(at).cast::<c_void>();
             let (r, path, offset) = match s.kind {
                 SegmentKind::Pages { depth, offset } => {
                     let img = self.ancestor(depth).expect("within the chain");
                     let file = img.pages.as_ref().expect("present pages have a file");
                     // SAFETY:
-                    // - `ptr` is page-aligned (`dst` was checked, `at` is whole pages) and
-                    //   `ptr..ptr + s.len` lies in `dst..dst + len`, which the caller
-                    //   promises is theirs to replace, with no reference into it used
-                    //   again;
-                    // - the file holds `offset..offset + s.len` (checked just above) and
-                    //   the caller promises it stays unchanged while mapped, so touching
-                    //   the mapping neither faults past the end nor sees bytes change;
+                    // - `ptr` is page-aligned: `dst` was checked, `at` is whole pages;
+                    // - `ptr..ptr + s.len` lies in `dst..dst + len` (the plan's cover);
+                    // - that range is the caller's to replace, no reference into it used
+                    //   again (the caller's promise);
+                    // - the file holds `offset..offset + s.len` (checked above), so no
+                    //   page of the mapping is past its end;
+                    // - the file stays unchanged while mapped (the caller's promise), so
+                    //   no byte changes under a reference and no page leaves the file;
                     // - MAP_PRIVATE: writes to the mapping never reach the file.
                     let r =
                         unsafe { rustix::mm::mmap(ptr, s.len as usize, prot, flags, file, offset) };
@@ -290,9 +310,10 @@ impl Image {
                 }
                 SegmentKind::Zero | SegmentKind::Lazy => {
                     // SAFETY:
-                    // - `ptr..ptr + s.len` is page-aligned and in `dst..dst + len`, which
-                    //   the caller promises is theirs to replace, as above;
-                    // - a private anonymous mapping is zeros and shared with no one.
+                    // - `ptr` is page-aligned: `dst` was checked, `at` is whole pages;
+                    // - `ptr..ptr + s.len` lies in `dst..dst + len` (the plan's cover);
+                    // - that range is the caller's to replace (the caller's promise);
+                    // - a private anonymous mapping is zeros, shared with no one.
                     let r = unsafe { rustix::mm::mmap_anonymous(ptr, s.len as usize, prot, flags) };
                     (r, None, 0)
                 }
@@ -334,6 +355,31 @@ mod tests {
         let _ = prefault(&mut v[7..]);
         assert_eq!(v, copy);
         assert!(prefault(&mut []));
+    }
+
+    #[test]
+    fn mappings_are_counted_with_what_remains_between_them() {
+        let seg = |kind| Segment {
+            vaddr: 0,
+            len: 0,
+            kind,
+        };
+        let page = seg(SegmentKind::Pages {
+            depth: 0,
+            offset: 0,
+        });
+        let (zero, lazy) = (seg(SegmentKind::Zero), seg(SegmentKind::Lazy));
+        let keep = |k: SegmentKind| matches!(k, SegmentKind::Pages { .. });
+        let all = |_: SegmentKind| true;
+        assert_eq!(mappings_needed(&[], keep), 0);
+        assert_eq!(mappings_needed(&[zero, lazy, zero], keep), 0);
+        assert_eq!(mappings_needed(&[zero, lazy, zero], all), 5);
+        assert_eq!(mappings_needed(&[page], keep), 3);
+        // page, hole, page, hole, hole, page: 3 mappings, 2 runs kept, 2 ends.
+        let scattered = [page, zero, page, zero, lazy, page];
+        assert_eq!(mappings_needed(&scattered, keep), 7);
+        assert_eq!(mappings_needed(&scattered, all), 8);
+        assert_eq!(mappings_needed(&[lazy, page, zero], keep), 5);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::num::NonZeroUsize;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use super::files::read_exact_at;
@@ -56,7 +57,8 @@ pub struct ReadReport {
     pub zero: u64,
     /// Pages only a lazy-pages server has, filled with zeros.
     pub lazy: u64,
-    /// Threads that read (1: the calling thread alone; 0: there was nothing to read).
+    /// Threads that restored (1: the calling thread alone; 0: there was nothing to
+    /// read). Threads share the work as they come, so one may have found none left.
     pub threads: usize,
 }
 
@@ -278,13 +280,15 @@ impl Image {
     }
 
     /// Restores `dst.len()` bytes (whole pages) from `vaddr` through the parent chain:
-    /// plans the segments ([`plan`](Self::plan)), then reads each file segment straight
-    /// into `dst` with `pread` (calls of up to 2 GiB less a page, looping over short
-    /// reads and `EINTR`) and fills zeros, on as many threads as `opts` say.
+    /// plans the segments ([`plan`](Self::plan)), then reads the file segments straight
+    /// into `dst` with `pread` and fills zeros, on as many threads as `opts` say. The
+    /// threads take `dst` in chunks of up to 8 MiB, one at a time, and fill each 1 MiB
+    /// at a time: prefaulted first (`madvise(MADV_POPULATE_WRITE)`, which changes no
+    /// byte), then read into while its pages are still in the cache.
     ///
     /// Into fresh memory most of the time goes to the kernel faulting each page in on
     /// first touch (about 0.4 s per GiB on the machines measured), which threads share
-    /// out.
+    /// out; a thread the scheduler holds back leaves its chunks to the others.
     ///
     /// ```
     /// # use page_pipe::image::{Image, ImageError, ImageWriter, PageFlags, PagemapEntry, RestoreOptions};
@@ -316,35 +320,42 @@ impl Image {
         opts: &RestoreOptions,
     ) -> Result<ReadReport, ImageError> {
         let plan = self.plan(vaddr, dst.len() as u64, opts)?;
-        let threads = threads_for(dst.len(), self.page_size(), opts.threads);
-        let parts = split(vaddr, dst, threads, self.page_size());
         let mut report = plan.report;
-        report.threads = parts.len();
-        let run = |(at, part): Part<'_>| self.fill(&plan.segments, at, part, true);
-        // Each part in a slot that exactly one thread takes; a part whose thread cannot
-        // be started (a thread limit) runs on the calling thread instead.
-        let slots: Vec<Mutex<Option<Part<'_>>>> =
-            parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
-        let take = |i: usize| {
-            let mut slot = slots[i].lock().unwrap_or_else(PoisonError::into_inner);
-            slot.take()
-        };
-        std::thread::scope(|s| {
-            let mut here: Vec<usize> = (0..slots.len().min(1)).collect();
-            let mut others = Vec::new();
-            for i in 1..slots.len() {
-                let spawned = std::thread::Builder::new()
-                    .name("page-pipe-restore".into())
-                    .spawn_scoped(s, move || take(i).map_or(Ok(()), run));
-                match spawned {
-                    Ok(h) => others.push(h),
-                    Err(_) => here.push(i),
+        if dst.is_empty() {
+            return Ok(report);
+        }
+        let threads = threads_for(dst.len(), self.page_size(), opts.threads);
+        let chunk = chunk_for(dst.len(), threads, self.page_size());
+        // The destination in chunks that the threads take one at a time, so that each
+        // faults in and fills ranges of its own, and a thread the scheduler holds back
+        // leaves its share to the others.
+        let chunks = Mutex::new(dst.chunks_mut(chunk).enumerate());
+        let failed = AtomicBool::new(false);
+        let work = || -> Result<(), ImageError> {
+            while !failed.load(Ordering::Relaxed) {
+                let next = chunks.lock().unwrap_or_else(PoisonError::into_inner).next();
+                let Some((i, part)) = next else { break };
+                let at = vaddr + (i * chunk) as u64;
+                if let Err(e) = self.fill(&plan.segments, at, part, true) {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
                 }
             }
-            report.threads -= here.len().saturating_sub(1);
-            let mut result = here
-                .into_iter()
-                .try_for_each(|i| take(i).map_or(Ok(()), run));
+            Ok(())
+        };
+        std::thread::scope(|s| {
+            // A thread that cannot be started (a thread limit) leaves its share to the
+            // others; the calling thread always works.
+            let others: Vec<_> = (1..threads)
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .name("page-pipe-restore".into())
+                        .spawn_scoped(s, work)
+                        .ok()
+                })
+                .collect();
+            report.threads = 1 + others.len();
+            let mut result = work();
             for h in others {
                 let r = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
                 result = result.and(r);
@@ -415,32 +426,17 @@ fn threads_for(len: usize, page_size: usize, asked: Option<NonZeroUsize>) -> usi
     }
 }
 
-/// A part of a restore's destination that one thread fills: its address and memory.
-type Part<'d> = (u64, &'d mut [u8]);
+/// The most bytes a restore thread takes at a time.
+const CHUNK: usize = 8 << 20;
 
-/// Cuts `dst` (the memory of `vaddr..`) into `parts` contiguous parts (fewer if there
-/// are fewer pages) of equal pages give or take one, each with its address: each thread
-/// faults in and fills a range of its own.
-fn split(vaddr: u64, mut dst: &mut [u8], parts: usize, page_size: usize) -> Vec<Part<'_>> {
-    let pages = dst.len() / page_size;
-    let parts = parts.clamp(1, pages.max(1));
-    let mut out = Vec::with_capacity(parts);
-    let mut at = vaddr;
-    for k in 0..parts {
-        // Part k gets `pages / parts` pages, one more for the first `pages % parts`.
-        let n = if k + 1 == parts {
-            dst.len()
-        } else {
-            (pages / parts + usize::from(k < pages % parts)) * page_size
-        };
-        let (head, tail) = std::mem::take(&mut dst).split_at_mut(n);
-        dst = tail;
-        if !head.is_empty() {
-            out.push((at, head));
-        }
-        at += n as u64;
+/// The bytes a restore of `len` bytes on `threads` threads hands out at a time: all of it
+/// to one thread; else about a quarter of each thread's share, in whole pages, at least
+/// a page and at most [`CHUNK`].
+fn chunk_for(len: usize, threads: usize, page_size: usize) -> usize {
+    if threads <= 1 {
+        return len.max(page_size);
     }
-    out
+    (len / (4 * threads) / page_size * page_size).clamp(page_size, CHUNK)
 }
 
 /// The pieces of `segments` (in address order, covering `vaddr..vaddr + len`) that fall
@@ -479,24 +475,20 @@ mod tests {
     }
 
     #[test]
-    fn parts_cover_the_destination_in_order_in_whole_pages() {
+    fn chunks_are_whole_pages_shared_between_threads() {
         let ps = 4096;
-        for pages in [0usize, 1, 7, 64] {
-            for parts in 1..=9 {
-                let mut dst = vec![0u8; pages * ps];
-                let base = dst.as_ptr() as usize;
-                let got = split(0x1000_0000, &mut dst, parts, ps);
-                assert_eq!(got.len(), parts.min(pages), "{pages} pages, {parts} parts");
-                let mut next = 0;
-                for (at, part) in &got {
-                    assert_eq!(part.as_ptr() as usize - base, next);
-                    assert_eq!(*at, 0x1000_0000 + next as u64);
-                    assert_eq!(part.len() % ps, 0);
-                    assert!(part.len() / ps >= pages / parts);
-                    assert!(part.len() / ps <= pages.div_ceil(parts));
-                    next += part.len();
-                }
-                assert_eq!(next, pages * ps);
+        assert_eq!(chunk_for(1 << 30, 1, ps), 1 << 30);
+        assert_eq!(chunk_for(0, 1, ps), ps);
+        assert_eq!(chunk_for(1 << 30, 2, ps), CHUNK);
+        assert_eq!(chunk_for(40 * ps, 4, ps), 2 * ps);
+        assert_eq!(chunk_for(3 * ps, 3, ps), ps);
+        for len in [1, 7, 100, 5000].map(|p| p * ps) {
+            for threads in 2..=8 {
+                let c = chunk_for(len, threads, ps);
+                assert!(
+                    c % ps == 0 && (ps..=CHUNK).contains(&c),
+                    "{len} {threads}: {c}"
+                );
             }
         }
     }
