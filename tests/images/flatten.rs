@@ -329,3 +329,93 @@ fn a_chain_flattened_in_place_becomes_a_full_image() {
     names.sort();
     assert_eq!(names, ["pagemap-1.img", "pages-1.img"]);
 }
+
+/// Restoring on several threads, mapping, flattening (also when it fails) and diffing
+/// leave no file descriptor and no thread behind.
+#[test]
+fn restore_map_flatten_and_diff_leave_no_fds_or_threads() {
+    if !page_pipe_tests::alone("flatten::restore_map_flatten_and_diff_leave_no_fds_or_threads") {
+        return;
+    }
+    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let root = TempDir::new("flatten-fds");
+    let (d1, d2) = (root.path().join("1"), root.path().join("2"));
+    let mut w = ImageWriter::create(&d1, 1).unwrap().with_sync(false);
+    let pages = 256;
+    let bytes: Vec<u8> = (0..pages).flat_map(|p| content(0, p)).collect();
+    w.push_bytes(
+        PagemapEntry {
+            vaddr: at(0),
+            pages: pages as u64,
+            flags: PageFlags::PRESENT,
+        },
+        &bytes,
+    )
+    .unwrap();
+    w.finish().unwrap();
+    let mut w = ImageWriter::create(&d2, 1)
+        .unwrap()
+        .with_sync(false)
+        .with_parent(&d1)
+        .unwrap();
+    for p in 0..pages {
+        let e = PagemapEntry {
+            vaddr: at(p),
+            pages: 1,
+            flags: if p % 3 == 0 {
+                PageFlags::PRESENT
+            } else {
+                PageFlags::PARENT
+            },
+        };
+        if p % 3 == 0 {
+            w.push_bytes(e, &content(1, p)).unwrap();
+        } else {
+            w.push(e).unwrap();
+        }
+    }
+    w.finish().unwrap();
+    let (fds, tasks) = (page_pipe_tests::open_fds(), threads());
+    {
+        let img = Image::open(&d2).unwrap();
+        let mut back = vec![0u8; pages * ps()];
+        let opts = page_pipe::image::RestoreOptions {
+            threads: std::num::NonZeroUsize::new(4),
+            ..Default::default()
+        };
+        assert_eq!(img.restore(at(0), &mut back, &opts).unwrap().threads, 4);
+        let mut mem = memmap2::MmapOptions::new()
+            .len(pages * ps())
+            .map_anon()
+            .unwrap();
+        // SAFETY: `mem` is ours, no reference into it is alive across the call, and the
+        // files stay unchanged while it is mapped.
+        unsafe {
+            img.map_into(
+                at(0),
+                mem.as_mut_ptr(),
+                mem.len(),
+                &page_pipe::image::MapOptions::default(),
+            )
+        }
+        .unwrap();
+        assert!(mem[..] == back[..]);
+        drop(mem);
+        img.flatten(root.path().join("flat"), &NO_SYNC).unwrap();
+        assert_eq!(image::diff(&d2, root.path().join("flat")).unwrap(), []);
+        // A flatten that fails: the parent's pages cut short.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d1.join("pages-1.img"))
+            .unwrap()
+            .set_len(ps() as u64)
+            .unwrap();
+        assert!(img.flatten(root.path().join("bad"), &NO_SYNC).is_err());
+    }
+    assert_eq!(
+        page_pipe_tests::open_fds(),
+        fds,
+        "file descriptors left open"
+    );
+    assert_eq!(threads(), tasks, "threads left running");
+}
