@@ -132,8 +132,8 @@ impl Image {
                 let plan_a = self.plan(at, len, &opts)?;
                 let plan_b = other.plan(at, len, &opts)?;
                 let (a, b) = (&mut buf_a[..len as usize], &mut buf_b[..len as usize]);
-                self.fill(&plan_a.segments, at, a, false)?;
-                other.fill(&plan_b.segments, at, b, false)?;
+                self.fill(&plan_a.segments, at, a, None)?;
+                other.fill(&plan_b.segments, at, b, None)?;
                 for (from, to, ka, kb) in overlaps(&plan_a.segments, &plan_b.segments) {
                     let kind = match (held(ka), held(kb)) {
                         (Held::No, Held::No) | (Held::Lazy, Held::Lazy) => continue,

@@ -117,6 +117,36 @@ fn mappings_in_use() -> Result<usize, ImageError> {
     Ok(text.iter().filter(|&&b| b == b'\n').count())
 }
 
+/// Where this process's page table entries are listed, 8 bytes a page.
+const SELF_PAGEMAP_PATH: &str = "/proc/self/pagemap";
+
+/// Says whether a page of this process is in memory, from `/proc/self/pagemap` (which
+/// gives any process its own pages' present and swapped bits): prefaulting memory that
+/// is in already costs a page-table walk and saves nothing.
+#[derive(Debug)]
+pub(super) struct Residency(Option<std::fs::File>);
+
+impl Residency {
+    /// Opens `/proc/self/pagemap`; without it, every page counts as not in memory.
+    pub(super) fn open() -> Self {
+        Self(std::fs::File::open(SELF_PAGEMAP_PATH).ok())
+    }
+
+    /// Whether the page holding `ptr` is in memory or swapped out (`false` when it
+    /// cannot be told).
+    pub(super) fn is_in(&self, ptr: *const u8) -> bool {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.0 else { return false };
+        let ps = page_pipe_sys::page_size().get() as u64;
+        let mut entry = [0u8; 8];
+        match f.read_at(&mut entry, ptr as u64 / ps * 8) {
+            // Bit 63: present; bit 62: swapped (Documentation/admin-guide/mm/pagemap.rst).
+            Ok(8) => u64::from_le_bytes(entry) >> 62 != 0,
+            _ => false,
+        }
+    }
+}
+
 /// Prefaults the whole pages of `dst` for writing: `madvise(MADV_POPULATE_WRITE)`, which
 /// faults each page in as a write would without changing a byte. Returns whether the
 /// kernel did (false before Linux 5.14, or for memory it cannot populate; the caller's
@@ -380,6 +410,30 @@ mod tests {
         assert_eq!(mappings_needed(&scattered, keep), 7);
         assert_eq!(mappings_needed(&scattered, all), 8);
         assert_eq!(mappings_needed(&[lazy, page, zero], keep), 5);
+    }
+
+    #[test]
+    fn residency_tells_touched_pages_from_fresh_ones() {
+        let ps = page_pipe_sys::page_size().get();
+        let mut m = memmap2::MmapOptions::new().len(4 * ps).map_anon().unwrap();
+        let r = Residency::open();
+        if r.0.is_none() {
+            eprintln!(
+                "SKIPPED residency_tells_touched_pages_from_fresh_ones: no /proc/self/pagemap"
+            );
+            return;
+        }
+        assert!(!r.is_in(m.as_ptr()));
+        m[ps] = 1;
+        assert!(r.is_in(m[ps..].as_ptr()));
+        assert!(!r.is_in(m[2 * ps..].as_ptr()));
+        assert!(prefault(&mut m[2 * ps..]) || !r.is_in(m[2 * ps..].as_ptr()));
+        if prefault(&mut m[2 * ps..]) {
+            assert!(
+                r.is_in(m[3 * ps..].as_ptr()),
+                "prefaulted, yet not in memory"
+            );
+        }
     }
 
     #[test]

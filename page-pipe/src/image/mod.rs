@@ -51,9 +51,9 @@
 //! - A restore ([`Image::restore`], [`Image::read`]) reads each byte once; pages the chain
 //!   does not hold are zeros and counted in the [`ReadReport`], or an error
 //!   ([`ImageError::NotInImage`]) with [`RestoreOptions::strict`]. It reads straight into
-//!   the destination, 1 MiB at a time per thread, each piece prefaulted first
-//!   (`madvise(MADV_POPULATE_WRITE)`, which changes no byte), so that threads fault
-//!   fresh memory in side by side.
+//!   the destination, 1 MiB at a time per thread, each piece not yet in memory
+//!   prefaulted first (`madvise(MADV_POPULATE_WRITE)`, which changes no byte), so that
+//!   threads fault fresh memory in side by side.
 //! - A restore by mapping makes one private mapping per run of pages contiguous in
 //!   memory and in a pages file, and counts them first: a plan that would bring the
 //!   process near `vm.max_map_count` is [`ImageError::TooManyMappings`], and nothing is
