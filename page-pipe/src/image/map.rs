@@ -14,7 +14,8 @@
 //!   its whole pages in as writes would (`madvise(MADV_POPULATE_WRITE)`), which changes
 //!   no byte of them. The exclusive borrow is the caller's proof that nobody else uses
 //!   the memory meanwhile; the kernel checks the rest (a range it cannot populate is an
-//!   error, which only turns prefaulting off).
+//!   error, which only turns prefaulting off). Memory already in needs none: whether a
+//!   page is in is read from `/proc/self/pagemap` (safe code, a file read).
 //!
 //! # Rules
 //!
