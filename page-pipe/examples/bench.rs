@@ -28,6 +28,16 @@
 //! - restore into fresh memory, as a VMM restores: the same, each run into a new
 //!   anonymous mapping never touched, so the first touch of every page is in the time
 //!   (mapping and unmapping are not); ours and the baseline alternate run by run;
+//! - restore a chain into fresh memory: the full image and an incremental image of 10%
+//!   of the pages (scattered, as a VMM's dirty pages are) restored through the chain,
+//!   against a `pread` loop over the flattened pages file (what restoring a flattened
+//!   chain costs);
+//! - flatten: that chain flattened into a new image (not synced), against copying the
+//!   chain's files with `copy_file_range` as `cp` does;
+//! - restore by mapping: a new reservation, `Image::open` and `Image::map_into` of the
+//!   full image, against one `mmap(MAP_PRIVATE)` of the raw memory file (Firecracker's
+//!   file backend), as time to ready; then a write to every page (the first touch, which
+//!   copies each page out of the page cache), as ready plus first touch;
 //! - extra memory (peak RSS) of a capture against a copy.
 //!
 //! For each sink both drain paths are measured (pipes: capture then `splice`; memory:
@@ -63,8 +73,12 @@ mod track_workloads;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
+use memmap2::{MmapMut, MmapOptions};
+use page_pipe::image::{FlattenOptions, Image, ImageWriter, MapOptions, PagemapEntry, flatten};
 use page_pipe::snapshot::Drain;
-use page_pipe::{BufFlags, PagePipe, PipePool};
+use page_pipe::{BufFlags, PageFlags, PagePipe, PipePool};
 use workloads::*;
 
 fn arg(name: &str) -> Option<String> {
@@ -152,6 +166,18 @@ impl Table {
             self.cell(ours),
             base_name.to_string(),
             self.cell(base),
+            format!("{:5.2}x", base.as_secs_f64() / ours.as_secs_f64()),
+        ]);
+    }
+
+    /// A row of times (for what takes microseconds, where a rate says little).
+    fn row_time(&mut self, what: &str, ours: Duration, base_name: &str, base: Duration) {
+        let ms = |d: Duration| format!("{:10.3} ms", d.as_secs_f64() * 1e3);
+        self.rows.push([
+            what.to_string(),
+            ms(ours),
+            base_name.to_string(),
+            ms(base),
             format!("{:5.2}x", base.as_secs_f64() / ours.as_secs_f64()),
         ]);
     }
@@ -419,7 +445,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(owned);
 
     // Restore into memory already touched: no page faults, a different case from a
-    // VMM's.
+    // VMM's. The image's data is on disk first, as a VMM's snapshot is: writeback of
+    // what was just written would take a CPU from the restore's threads.
+    settle(&img)?;
     let pages_file = img.join("pages-1.img");
     let mut dst = touched(r.mem.len());
     let ours = median(runs, || restore(&img, r.base(), &mut dst[..]));
@@ -450,14 +478,122 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         v.sort();
         v[v.len() / 2]
     };
+    let eager_fresh = mid(ours);
     t.row(
         "restore into fresh memory",
-        mid(ours),
+        eager_fresh,
         "pread loop",
         mid(base),
     );
 
+    // A chain: the full image and an incremental one with 10% of the pages, and that
+    // chain flattened (for the baseline's pages file).
+    let incr = dir.join("incr");
+    let expect = write_incremental(&r, &img, &incr);
+    let flat = dir.join("flat");
+    flatten(&incr, &flat, &FlattenOptions { sync: false })?;
+    settle(&incr)?;
+    settle(&flat)?;
+    let flat_pages = flat.join("pages-1.img");
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for run in 0..runs {
+        let mut dst = fresh(r.mem.len());
+        let s = Instant::now();
+        restore(&incr, r.base(), &mut dst[..]);
+        ours.push(s.elapsed());
+        if run == 0 {
+            assert!(dst[..] == expect[..], "the chain restored wrong");
+        }
+        drop(dst);
+        let mut dst = fresh(r.mem.len());
+        let s = Instant::now();
+        pread(&flat_pages, &mut dst[..]);
+        base.push(s.elapsed());
+        if run == 0 {
+            assert!(dst[..] == expect[..], "the flattened chain differs");
+        }
+        drop(dst);
+    }
+    t.row(
+        "restore a chain into fresh memory",
+        mid(ours),
+        "pread loop, flattened pages",
+        mid(base),
+    );
+    drop(expect);
+
+    // Flatten the chain against copying its files.
+    let out = dir.join("out");
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    // Each run's output is synced (not timed) and removed, so that no run pays for the
+    // writeback of another's.
+    for _ in 0..runs {
+        let s = Instant::now();
+        flatten(&incr, &out, &FlattenOptions { sync: false })?;
+        ours.push(s.elapsed());
+        settle(&out)?;
+        std::fs::remove_dir_all(&out)?;
+        let s = Instant::now();
+        for d in [&img, &incr] {
+            copy_dir(d, &out.join(d.file_name().expect("a name")))?;
+        }
+        base.push(s.elapsed());
+        settle(&out)?;
+        std::fs::remove_dir_all(&out)?;
+    }
+    t.row(
+        "flatten",
+        mid(ours),
+        "copy_file_range of the chain's files",
+        mid(base),
+    );
+
+    // Restore by mapping: time to ready, then a write to every page.
+    let (mut ready, mut touch) = (Vec::new(), Vec::new());
+    let (mut fc_ready, mut fc_touch) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let s = Instant::now();
+        let mut mem = map_image(&img, r.base(), r.mem.len());
+        ready.push(s.elapsed());
+        if run == 0 {
+            assert!(mem[..] == r.mem[..], "the mapped image differs");
+        }
+        let s = Instant::now();
+        touch_pages(&mut mem, r.ps);
+        touch.push(s.elapsed());
+        drop(mem);
+        let s = Instant::now();
+        let mut mem = map_raw(&pages_file);
+        fc_ready.push(s.elapsed());
+        let s = Instant::now();
+        touch_pages(&mut mem, r.ps);
+        fc_touch.push(s.elapsed());
+        drop(mem);
+    }
+    let (ready, touch) = (mid(ready), mid(touch));
+    let (fc_ready, fc_touch) = (mid(fc_ready), mid(fc_touch));
+    t.row_time(
+        "restore by mapping (time to ready)",
+        ready,
+        "mmap(MAP_PRIVATE) of the raw file",
+        fc_ready,
+    );
+    t.row(
+        "restore by mapping, then first touch",
+        ready + touch,
+        "mmap(MAP_PRIVATE) of the raw file",
+        fc_ready + fc_touch,
+    );
+
     t.print();
+    println!(
+        "\nfirst touch (a write to every page) after mapping: {:.1} ms ours, {:.1} ms the raw file's; beside it the eager restore into fresh memory: {:.1} ms",
+        touch.as_secs_f64() * 1e3,
+        fc_touch.as_secs_f64() * 1e3,
+        eager_fresh.as_secs_f64() * 1e3
+    );
     println!("\ndrain paths (the default takes the faster):");
     paths.print();
 
@@ -1168,4 +1304,117 @@ mod guest_memory {
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
+}
+
+/// Whether page `i` changed for the incremental image: 10% of the pages, scattered.
+fn dirty(i: u64) -> bool {
+    let h = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+    h.is_multiple_of(10)
+}
+
+/// Writes an incremental image of `r` over the full image `parent` into `dir`: the
+/// dirty pages with new bytes, the others in the parent. Returns the memory it restores
+/// to.
+fn write_incremental(r: &Region, parent: &Path, dir: &Path) -> Vec<u8> {
+    let mut w = ImageWriter::create(dir, 1)
+        .expect("create the image")
+        .with_sync(false)
+        .with_parent(parent)
+        .expect("the parent");
+    let mut expect = r.mem.to_vec();
+    let mut p = 0;
+    while p < r.pages {
+        let d = dirty(p);
+        let n = (p..r.pages).take_while(|&q| dirty(q) == d).count() as u64;
+        let e = PagemapEntry {
+            vaddr: r.base() + p * r.ps as u64,
+            pages: n,
+            flags: if d {
+                PageFlags::PRESENT
+            } else {
+                PageFlags::PARENT
+            },
+        };
+        if d {
+            let bytes = &mut expect[(p as usize * r.ps)..][..n as usize * r.ps];
+            for (i, page) in bytes.chunks_exact_mut(r.ps).enumerate() {
+                page.fill(!((p as usize + i) as u8));
+            }
+            w.push_bytes(e, bytes).expect("push");
+        } else {
+            w.push(e).expect("push");
+        }
+        p += n;
+    }
+    w.finish().expect("finish");
+    expect
+}
+
+/// Syncs the regular files under `dir` (links not followed), so that their writeback is
+/// over before what comes next is timed.
+fn settle(dir: &Path) -> std::io::Result<()> {
+    for ent in std::fs::read_dir(dir)? {
+        let ent = ent?;
+        let t = ent.file_type()?;
+        if t.is_dir() {
+            settle(&ent.path())?;
+        } else if t.is_file() {
+            std::fs::File::open(ent.path())?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+/// `cp -r` of an image directory as coreutils does it: each file copied with
+/// `copy_file_range` (the `parent` link made again).
+fn copy_dir(src: &Path, dst: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for ent in std::fs::read_dir(src)? {
+        let ent = ent?;
+        let to = dst.join(ent.file_name());
+        if ent.file_type()?.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(ent.path())?, to)?;
+            continue;
+        }
+        let from = std::fs::File::open(ent.path())?;
+        let out = std::fs::File::create(to)?;
+        let mut left = from.metadata()?.len() as usize;
+        while left > 0 {
+            let n = rustix::fs::copy_file_range(&from, None, &out, None, left)?;
+            if n == 0 {
+                break;
+            }
+            left -= n;
+        }
+    }
+    Ok(())
+}
+
+/// Ours: a new reservation, the image opened and mapped over it.
+fn map_image(dir: &Path, base: u64, len: usize) -> MmapMut {
+    let mut mem = fresh(len);
+    let img = Image::open(dir).expect("open the image");
+    // SAFETY:
+    // - `mem` is this function's new mapping, and no reference into it is alive across
+    //   the call;
+    // - the bench does not change the image files while the mapping lives.
+    unsafe { img.map_into(base, mem.as_mut_ptr(), len, &MapOptions::default()) }
+        .expect("map the image");
+    mem
+}
+
+/// Firecracker's file backend: one private mapping of the raw memory file.
+fn map_raw(path: &Path) -> MmapMut {
+    let f = std::fs::File::open(path).expect("open");
+    // SAFETY: the bench does not change the file while the mapping lives.
+    unsafe { MmapOptions::new().map_copy(&f) }.expect("map")
+}
+
+/// A write to every page: the first touch of memory just mapped (one fault a page, which
+/// copies it out of the page cache).
+fn touch_pages(mem: &mut [u8], ps: usize) {
+    for page in mem.chunks_exact_mut(ps) {
+        page[0] = 1;
+    }
+    std::hint::black_box(mem);
 }

@@ -6,6 +6,8 @@
 //! cargo run --release --example snapshot -- inspect ./snapshots/2
 //! cargo run --release --example snapshot -- extract ./snapshots/2 --vaddr 7f0000000000 --pages 4 --out pages.bin
 //! cargo run --release --example snapshot -- --to 127.0.0.1:4000   # to a page server
+//! cargo run --release --example snapshot -- flatten ./snapshots/2 ./snapshots/flat
+//! cargo run --release --example snapshot -- diff ./snapshots/2 ./snapshots/flat
 //! ```
 //!
 //! Options of the demo: `--size SIZE` (K, M or G; default 256M), `--dirty PERCENT` of pages
@@ -20,6 +22,12 @@
 //! instead of writing them here: run `page_server --dir DIR --port PORT --chain` so that
 //! the second lands as an incremental image on the first; a server without the parent
 //! gets the second in full).
+//! `--restore eager|map` (how the demo restores: read into fresh memory, the default, or
+//! map the pages files over it).
+//!
+//! `flatten SRC DST` writes the chain in SRC as one full image in DST; `diff A B` prints
+//! the pages two images hold differently and exits as diff(1) does: 0 when they hold the
+//! same pages, 1 when they differ, 2 on error.
 
 use std::fmt;
 use std::io::Write;
@@ -28,7 +36,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use memmap2::MmapOptions;
-use page_pipe::image::{Image, ImageSummary, ImageWriter, PageFlags, PagemapEntry};
+use page_pipe::image::{
+    DiffKind, FlattenOptions, Image, ImageSummary, ImageWriter, MapOptions, PageFlags,
+    PagemapEntry, ReadReport,
+};
 use page_pipe::page_server::PageServerClient;
 use page_pipe::snapshot::{Drain, SnapshotOptions, SnapshotReport, Span, snapshot, spans_from};
 use page_pipe::track::{Avoid, Method, TrackOptions, TrackRegion, Tracker};
@@ -54,9 +65,14 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Fail> {
 }
 
 const USAGE: &str =
-    "usage: snapshot [--size SIZE] [--dirty PERCENT] [--dir DIR] [--single-pass] [--copy] [--tracker auto|sync|off] [--to HOST:PORT]
+    "usage: snapshot [--size SIZE] [--dirty PERCENT] [--dir DIR] [--single-pass] [--copy]
+                [--drain pipes|memory|auto] [--restore eager|map] [--tracker auto|sync|off]
+                [--to HOST:PORT]
+       snapshot --live [--size SIZE] [--dir DIR] [--writers N] [--interval-us US]
        snapshot inspect DIR
-       snapshot extract DIR --vaddr ADDR --pages N --out FILE";
+       snapshot extract DIR --vaddr ADDR --pages N --out FILE
+       snapshot flatten SRC DST
+       snapshot diff A B";
 
 #[path = "demo/live.rs"]
 mod live;
@@ -67,6 +83,8 @@ fn main() -> ExitCode {
         _ if args.iter().any(|a| a == "--live") => live::run(&args),
         Some("inspect") => inspect(&args[1..]),
         Some("extract") => extract(&args[1..]),
+        Some("flatten") => flatten(&args[1..]),
+        Some("diff") => return diff(&args[1..]),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             Ok(())
@@ -164,7 +182,15 @@ fn dirty(i: u64, percent: f64) -> bool {
 fn demo(args: &[String]) -> Result<(), Fail> {
     let mut a = Args { rest: args };
     a.check(
-        &["--size", "--dirty", "--dir", "--drain", "--tracker", "--to"],
+        &[
+            "--size",
+            "--dirty",
+            "--dir",
+            "--drain",
+            "--tracker",
+            "--to",
+            "--restore",
+        ],
         &["--single-pass", "--copy"],
         0,
     )?;
@@ -184,6 +210,7 @@ fn demo(args: &[String]) -> Result<(), Fail> {
             ));
         }
     };
+    let how = Restore::parse(a.value("--restore")?)?;
     let size = parse_size(a.value("--size")?.unwrap_or("256M"))?;
     let percent: f64 = match a.value("--dirty")?.unwrap_or("10").parse() {
         Ok(p) if (0.0..=100.0).contains(&p) => p,
@@ -350,8 +377,7 @@ fn demo(args: &[String]) -> Result<(), Fail> {
         .map_anon()
         .map_err(|e| Fail(format!("cannot map {len} bytes: {e}")))?;
     let t = Instant::now();
-    let img = Image::open(&d2)?;
-    let report = img.read(base, &mut fresh[..])?;
+    let (img, report) = how.restore(&d2, base, &mut fresh)?;
     let restore = t.elapsed();
     let same = fresh[..] == mem[..];
 
@@ -405,7 +431,7 @@ fn demo(args: &[String]) -> Result<(), Fail> {
         return fail("restored memory differs from the region");
     }
     println!(
-        "verify: restored {} matches the region byte for byte",
+        "verify: restored {} ({how}) matches the region byte for byte",
         human(len as u64)
     );
     Ok(())
@@ -455,6 +481,128 @@ fn to_server(
         pagemap_bytes: 0,
     };
     Ok((r, summary))
+}
+
+/// How the demo restores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restore {
+    /// `Image::restore`: read the pages into the fresh memory.
+    Eager,
+    /// `Image::map_into`: map the pages files over the fresh memory.
+    Map,
+}
+
+impl Restore {
+    fn parse(v: Option<&str>) -> Result<Self, Fail> {
+        match v.unwrap_or("eager") {
+            "eager" => Ok(Restore::Eager),
+            "map" => Ok(Restore::Map),
+            other => fail(format!("--restore takes eager or map, not {other:?}")),
+        }
+    }
+
+    /// Restores the image in `dir` from `base` into `mem`.
+    fn restore(
+        self,
+        dir: &Path,
+        base: u64,
+        mem: &mut memmap2::MmapMut,
+    ) -> Result<(Image, ReadReport), Fail> {
+        let img = Image::open(dir)?;
+        let report = match self {
+            Restore::Eager => img.read(base, &mut mem[..])?,
+            Restore::Map => {
+                let opts = MapOptions {
+                    zero_holes: true,
+                    ..MapOptions::default()
+                };
+                // SAFETY:
+                // - `mem` is the demo's own fresh mapping, and no reference into it is
+                //   alive across the call (it is read afterwards through `mem`);
+                // - the demo does not change the image files while `mem` is mapped (it
+                //   removes them only when it starts again).
+                unsafe { img.map_into(base, mem.as_mut_ptr(), mem.len(), &opts)? }.report
+            }
+        };
+        Ok((img, report))
+    }
+}
+
+impl fmt::Display for Restore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Restore::Eager => "eager",
+            Restore::Map => "by mapping",
+        })
+    }
+}
+
+fn flatten(args: &[String]) -> Result<(), Fail> {
+    let a = Args { rest: args };
+    a.check(&[], &[], 2)?;
+    let (Some(src), Some(dst)) = (args.first(), args.get(1)) else {
+        return fail("flatten needs a source and a target directory (see --help)");
+    };
+    let t = Instant::now();
+    let img = Image::open(src)?;
+    let s = img.flatten(dst, &FlattenOptions::default())?;
+    let took = t.elapsed();
+    println!(
+        "{src} (chain of {} image{}) flattened into {dst}: {} entries, {} present pages ({}), {} lazy only, in {}",
+        img.depth(),
+        if img.depth() == 1 { "" } else { "s" },
+        s.entries,
+        s.present_pages,
+        human(s.present_pages * img.page_size() as u64),
+        s.lazy_pages,
+        ms(took),
+    );
+    Ok(())
+}
+
+/// `diff A B`: exit status 0 when the images hold the same pages, 1 when they differ,
+/// 2 on error (as diff(1)).
+fn diff(args: &[String]) -> ExitCode {
+    let run = || -> Result<bool, Fail> {
+        let a = Args { rest: args };
+        a.check(&[], &[], 2)?;
+        let (Some(da), Some(db)) = (args.first(), args.get(1)) else {
+            return fail("diff needs two image directories (see --help)");
+        };
+        let (ia, ib) = (Image::open(da)?, Image::open(db)?);
+        let spans = ia.diff(&ib)?;
+        let mut out = std::io::stdout().lock();
+        let mut pages = 0;
+        for s in &spans {
+            let what = match s.kind {
+                DiffKind::OnlyInA => format!("only in {da}"),
+                DiffKind::OnlyInB => format!("only in {db}"),
+                DiffKind::Bytes => "bytes differ".to_string(),
+                DiffKind::Lazy => "lazy in one image, bytes in the other".to_string(),
+            };
+            writeln!(out, "{:#x} +{} pages: {what}", s.vaddr, s.pages)?;
+            pages += s.pages;
+        }
+        if spans.is_empty() {
+            writeln!(out, "{da} and {db} hold the same pages")?;
+        } else {
+            writeln!(
+                out,
+                "{da} and {db} differ in {pages} pages ({} spans)",
+                spans.len()
+            )?;
+        }
+        Ok(!spans.is_empty())
+    };
+    match run() {
+        Ok(false) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::from(1),
+        Err(Fail(e)) if e.contains("Broken pipe") => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("snapshot: error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn inspect(args: &[String]) -> Result<(), Fail> {

@@ -1,10 +1,11 @@
-//! The `snapshot` demo as a user runs it: the demo itself, `inspect` and `extract`, and
-//! one-line errors with a non-zero exit for bad input.
+//! The `snapshot` demo as a user runs it: the demo itself restoring each way, `inspect`,
+//! `extract`, `flatten` and `diff`, and one-line errors with a non-zero exit for bad
+//! input.
 
 use std::process::{Command, Output};
 
-use page_pipe::image::Image;
-use page_pipe_tests::{TempDir, snapshot_demo};
+use page_pipe::image::{DiffKind, Image};
+use page_pipe_tests::{TempDir, fixtures, snapshot_demo};
 
 fn run(args: &[&str]) -> Output {
     Command::new(snapshot_demo())
@@ -130,6 +131,9 @@ fn bad_arguments_and_directories_are_one_line_errors() {
             "/dev/null",
         ],
         &["extract", d, "--vaddr", "1000"],
+        &["--restore", "lazy"],
+        &["flatten", d],
+        &["flatten", "/nonexistent/dir", d],
     ];
     for args in cases {
         let o = run(args);
@@ -138,5 +142,100 @@ fn bad_arguments_and_directories_are_one_line_errors() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("snapshot: error: "), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn the_demo_restores_by_mapping_and_verifies() {
+    let dir = TempDir::new("demo-map");
+    let d = dir.path().to_str().unwrap();
+    for how in ["eager", "map"] {
+        let o = run(&["--size", "4M", "--dir", d, "--restore", how]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{how}: {out}\n{err}");
+        let verify: Vec<_> = out.lines().filter(|l| l.starts_with("verify:")).collect();
+        assert_eq!(verify.len(), 1, "{how}: {out}");
+        assert!(
+            verify[0].contains("matches the region byte for byte"),
+            "{out}"
+        );
+        let said = if how == "map" {
+            "(by mapping)"
+        } else {
+            "(eager)"
+        };
+        assert!(verify[0].contains(said), "{how}: {out}");
+    }
+}
+
+/// `flatten` writes one image that `diff` finds equal to the chain (exit 0); the chain's
+/// two images differ (exit 1, one line per span and a total); a missing image is exit 2
+/// with a one-line error.
+#[test]
+fn flatten_and_diff_work_on_the_demos_images_with_diffs_exit_status() {
+    let dir = TempDir::new("demo-flatten");
+    let d = dir.path().to_str().unwrap();
+    assert!(
+        run(&["--size", "2M", "--dirty", "20", "--dir", d])
+            .status
+            .success()
+    );
+    let flat = format!("{d}/flat");
+    let o = run(&["flatten", &format!("{d}/2"), &flat]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("chain of 2 images"), "{out}");
+    assert_eq!(Image::open(&flat).unwrap().depth(), 1);
+
+    let o = run(&["diff", &format!("{d}/2"), &flat]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains("hold the same pages"), "{out}");
+
+    let o = run(&["diff", &format!("{d}/1"), &flat]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    let spans = page_pipe::image::diff(format!("{d}/1"), &flat).unwrap();
+    assert!(!spans.is_empty());
+    assert!(spans.iter().all(|s| s.kind == DiffKind::Bytes));
+    assert_eq!(out.lines().count(), spans.len() + 1, "{out}");
+    let pages: u64 = spans.iter().map(|s| s.pages).sum();
+    assert!(out.contains(&format!("differ in {pages} pages")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{:#x} +{} pages: bytes differ",
+            spans[0].vaddr, spans[0].pages
+        )),
+        "{out}"
+    );
+
+    for args in [
+        vec!["diff", d, &flat],
+        vec!["diff", &flat],
+        vec!["diff", &flat, "/nonexistent/dir"],
+    ] {
+        let o = run(&args);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {out}{err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("snapshot: error: "), "{args:?}: {err}");
+    }
+}
+
+/// Both CRIU fixtures flatten, and diff equal to the flattened images.
+#[test]
+fn flatten_and_diff_work_on_the_criu_fixtures() {
+    let dir = TempDir::new("demo-criu");
+    for name in ["criu-4.2-a", "criu-4.2-page-server-a"] {
+        let src = fixtures().join(name);
+        let src = src.to_str().unwrap();
+        let flat = dir.path().join(name);
+        let flat = flat.to_str().unwrap();
+        let o = run(&["flatten", src, flat]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{name}: {out}{err}");
+        let o = run(&["diff", src, flat]);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{name}: {out}{err}");
     }
 }

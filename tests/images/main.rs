@@ -13,6 +13,9 @@ use page_pipe::{
 };
 use page_pipe_tests::{TempDir, alone, assert_restores, crit, fixtures, open_fds, patterned};
 
+mod changed;
+mod flatten;
+mod mapping;
 mod restore_chains;
 mod whole;
 

@@ -15,11 +15,13 @@ use super::{BASE, ps};
 
 /// What one image of a chain holds for one page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Held {
+pub(super) enum Held {
     /// In no entry.
     None,
     /// In its pages file.
     Present,
+    /// In its pages file, in a `LAZY | PRESENT` entry.
+    LazyPresent,
     /// In a lazy entry without `PRESENT`.
     Lazy,
     /// In a `PARENT` entry.
@@ -28,10 +30,10 @@ enum Held {
 
 /// A chain, base first: each level holds `pages` pages from `BASE`.
 #[derive(Debug, Clone)]
-struct Chain {
-    levels: Vec<Vec<Held>>,
+pub(super) struct Chain {
+    pub(super) levels: Vec<Vec<Held>>,
     /// Whether each level's writer joins contiguous entries.
-    join: Vec<bool>,
+    pub(super) join: Vec<bool>,
 }
 
 fn held(parent: bool) -> impl Strategy<Value = Held> {
@@ -39,16 +41,23 @@ fn held(parent: bool) -> impl Strategy<Value = Held> {
         prop_oneof![
             1 => Just(Held::None),
             3 => Just(Held::Present),
+            1 => Just(Held::LazyPresent),
             1 => Just(Held::Lazy),
             3 => Just(Held::Parent),
         ]
         .boxed()
     } else {
-        prop_oneof![1 => Just(Held::None), 3 => Just(Held::Present), 1 => Just(Held::Lazy)].boxed()
+        prop_oneof![
+            1 => Just(Held::None),
+            3 => Just(Held::Present),
+            1 => Just(Held::LazyPresent),
+            1 => Just(Held::Lazy),
+        ]
+        .boxed()
     }
 }
 
-fn chain() -> impl Strategy<Value = Chain> {
+pub(super) fn chain() -> impl Strategy<Value = Chain> {
     (1usize..=3, 1usize..=40).prop_flat_map(|(depth, pages)| {
         let levels: Vec<_> = (0..depth)
             .map(|l| proptest::collection::vec(held(l > 0), pages))
@@ -68,13 +77,13 @@ fn chain() -> impl Strategy<Value = Chain> {
 }
 
 /// The contents of page `p` as level `l` captured it.
-fn content(l: usize, p: usize) -> Vec<u8> {
+pub(super) fn content(l: usize, p: usize) -> Vec<u8> {
     let mut v = patterned(1, (l * 64 + p) as u8 ^ 0x5a).to_vec();
     v[0] = l as u8;
     v
 }
 
-fn write_chain(root: &Path, c: &Chain) -> Vec<std::path::PathBuf> {
+pub(super) fn write_chain(root: &Path, c: &Chain) -> Vec<std::path::PathBuf> {
     let mut dirs = Vec::new();
     for (l, level) in c.levels.iter().enumerate() {
         let dir = root.join(l.to_string());
@@ -95,6 +104,9 @@ fn write_chain(root: &Path, c: &Chain) -> Vec<std::path::PathBuf> {
             match h {
                 Held::None => {}
                 Held::Present => w.push_bytes(e(PageFlags::PRESENT), &content(l, p)).unwrap(),
+                Held::LazyPresent => w
+                    .push_bytes(e(PageFlags::LAZY | PageFlags::PRESENT), &content(l, p))
+                    .unwrap(),
                 Held::Lazy => w.push(e(PageFlags::LAZY)).unwrap(),
                 Held::Parent => w.push(e(PageFlags::PARENT)).unwrap(),
             }
@@ -106,7 +118,7 @@ fn write_chain(root: &Path, c: &Chain) -> Vec<std::path::PathBuf> {
 }
 
 /// What the model says page `p` restores to: where it is, and its bytes.
-fn resolve(c: &Chain, p: usize) -> (Page, Vec<u8>) {
+pub(super) fn resolve(c: &Chain, p: usize) -> (Page, Vec<u8>) {
     let top = c.levels.len() - 1;
     let mut l = top;
     loop {
@@ -116,10 +128,10 @@ fn resolve(c: &Chain, p: usize) -> (Page, Vec<u8>) {
                 return (Page::Zero, vec![0; ps()]);
             }
             Held::Lazy => return (Page::Lazy, vec![0; ps()]),
-            Held::Present => {
+            Held::Present | Held::LazyPresent => {
                 let before = c.levels[l][..p]
                     .iter()
-                    .filter(|&&h| h == Held::Present)
+                    .filter(|&&h| matches!(h, Held::Present | Held::LazyPresent))
                     .count();
                 let page = Page::Data {
                     depth: top - l,
@@ -134,7 +146,11 @@ fn resolve(c: &Chain, p: usize) -> (Page, Vec<u8>) {
 
 /// The model's restore of pages `from..to` (which may pass the chain's pages): bytes,
 /// report, and the first page a strict restore refuses.
-fn model(c: &Chain, from: usize, to: usize) -> (Vec<u8>, ReadReport, Option<(usize, bool)>) {
+pub(super) fn model(
+    c: &Chain,
+    from: usize,
+    to: usize,
+) -> (Vec<u8>, ReadReport, Option<(usize, bool)>) {
     let mut bytes = Vec::new();
     let mut r = ReadReport::default();
     let mut refused = None;
@@ -155,7 +171,7 @@ fn model(c: &Chain, from: usize, to: usize) -> (Vec<u8>, ReadReport, Option<(usi
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(page_pipe_tests::proptest_config(48, "images"))]
 
     /// Every way of restoring a random chain gives what the model says, page for page:
     /// `read`, `restore` on 1 to 4 threads, `read_page`, and a strict restore that

@@ -186,6 +186,43 @@ pub enum ImageError {
         /// The entry refused.
         entry: PagemapEntry,
     },
+    /// Restoring by mapping ([`Image::map_into`](super::Image::map_into)) would add more
+    /// mappings than the process has room for below `vm.max_map_count` (or than
+    /// [`MapOptions::max_mappings`](super::MapOptions::max_mappings) allows). Nothing was
+    /// mapped. Flatten the image (fewer, longer runs) or restore it eagerly.
+    TooManyMappings {
+        /// Mappings the restore could add.
+        needed: usize,
+        /// Mappings it may add.
+        available: usize,
+        /// The limit counted against: `vm.max_map_count`, or the option.
+        limit: usize,
+    },
+    /// A mapping of a restore by mapping failed. The destination was replaced up to the
+    /// first `replaced` bytes of the plan's mapped segments: it holds neither its old
+    /// contents nor the image.
+    Map {
+        /// The pages file mapped, or `None` for zeros (an anonymous mapping).
+        path: Option<PathBuf>,
+        /// The byte offset in that file.
+        offset: u64,
+        /// The address of the first page of the mapping.
+        vaddr: u64,
+        /// Its length in bytes.
+        len: u64,
+        /// Bytes of the destination already replaced by earlier mappings.
+        replaced: u64,
+        /// The error of `mmap`.
+        error: io::Error,
+    },
+    /// A restore by mapping was given destination memory that is null or does not
+    /// start on a page boundary.
+    BadDestination {
+        /// The memory's address.
+        ptr: usize,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// A read asked for a range that is not page-aligned or passes the end of the
     /// address space.
     BadRange {
@@ -279,6 +316,36 @@ impl fmt::Display for ImageError {
                 f,
                 "range of {len} bytes at {vaddr:#x} is not whole pages in the address space"
             ),
+            ImageError::TooManyMappings {
+                needed,
+                available,
+                limit,
+            } => write!(
+                f,
+                "restoring by mapping could add {needed} mappings, and only {available} are free below the limit of {limit} (vm.max_map_count); flatten the image or restore it eagerly"
+            ),
+            ImageError::Map {
+                path,
+                offset,
+                vaddr,
+                len,
+                replaced,
+                ..
+            } => {
+                match path {
+                    Some(p) => write!(
+                        f,
+                        "{}: cannot map {len} bytes from offset {offset} at page {vaddr:#x}",
+                        p.display()
+                    )?,
+                    None => write!(f, "cannot map {len} bytes of zeros at page {vaddr:#x}")?,
+                }
+                write!(f, " ({replaced} bytes of the destination already replaced)")
+            }
+            ImageError::BadDestination { ptr, len } => write!(
+                f,
+                "destination memory of {len} bytes at {ptr:#x} is null or not page-aligned"
+            ),
         }
     }
 }
@@ -286,7 +353,7 @@ impl fmt::Display for ImageError {
 impl std::error::Error for ImageError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            ImageError::Io { error, .. } => Some(error),
+            ImageError::Io { error, .. } | ImageError::Map { error, .. } => Some(error),
             _ => None,
         }
     }
@@ -357,6 +424,34 @@ impl ImageError {
             },
             ImageError::BadRange { vaddr, len } => ImageError::BadRange {
                 vaddr: *vaddr,
+                len: *len,
+            },
+            ImageError::TooManyMappings {
+                needed,
+                available,
+                limit,
+            } => ImageError::TooManyMappings {
+                needed: *needed,
+                available: *available,
+                limit: *limit,
+            },
+            ImageError::Map {
+                path,
+                offset,
+                vaddr,
+                len,
+                replaced,
+                error,
+            } => ImageError::Map {
+                path: path.clone(),
+                offset: *offset,
+                vaddr: *vaddr,
+                len: *len,
+                replaced: *replaced,
+                error: io(error),
+            },
+            ImageError::BadDestination { ptr, len } => ImageError::BadDestination {
+                ptr: *ptr,
                 len: *len,
             },
         }

@@ -1,5 +1,5 @@
 //! CRIU-compatible images: write them, read them back, restore memory through the parent
-//! chain.
+//! chain (eagerly, or by mapping), flatten chains and compare images.
 //!
 //! An image directory holds `pagemap-<id>.img` (the image magic `0x54564319`, the pagemap
 //! magic `0x56084025`, then u32-length-prefixed protobuf messages: one `pagemap_head`,
@@ -42,26 +42,49 @@
 //!   makes it), along a chain of at most [`MAX_PARENT_DEPTH`] images that must not loop;
 //!   a `PARENT` entry needs a parent.
 //! - Pages are read with positional reads from the files the [`Image`] keeps open, never
-//!   mapped: a file truncated or rewritten by someone else while open gives
-//!   [`ImageError::ShortRead`] or the new bytes, never undefined behaviour.
-//! - A restore ([`Image::restore`], [`Image::read`]) takes each page from the nearest
-//!   image of the chain that holds it, reading each byte once; pages the chain does not
-//!   hold are zeros and counted in the [`ReadReport`], or an error
-//!   ([`ImageError::NotInImage`]) with [`RestoreOptions::strict`].
+//!   mapped by safe code: a file truncated or rewritten by someone else while open gives
+//!   [`ImageError::ShortRead`] or the new bytes, never undefined behaviour. Mapping the
+//!   files over memory ([`Image::map_into`]) is an `unsafe fn` whose caller promises the
+//!   files stay unchanged while mapped; it lives in the module's one opt-in to `unsafe`
+//!   (`map.rs`), which states what it relies on.
+//! - One plan decides where each page comes from ([`Image::plan`]): the nearest image of
+//!   the chain that holds it. Every way of moving pages follows it: the eager restore,
+//!   the restore by mapping, [`Image::flatten`] and [`Image::diff`].
+//! - A restore ([`Image::restore`], [`Image::read`]) reads each byte once; pages the chain
+//!   does not hold are zeros and counted in the [`ReadReport`], or an error
+//!   ([`ImageError::NotInImage`]) with [`RestoreOptions::strict`]. It reads straight into
+//!   the destination, 1 MiB at a time per thread, each piece not yet in memory
+//!   prefaulted first (`madvise(MADV_POPULATE_WRITE)`, which changes no byte), so that
+//!   threads fault fresh memory in side by side.
+//! - A restore by mapping makes one private mapping per run of pages contiguous in
+//!   memory and in a pages file, and counts them first: a plan that would bring the
+//!   process near `vm.max_map_count` is [`ImageError::TooManyMappings`], and nothing is
+//!   mapped.
+//! - [`Image::flatten`] writes the chain as one full image that restores to the same
+//!   pages (lazy-only pages stay lazy), streamed with `copy_file_range`, committed as
+//!   every image is; [`Image::diff`] compares two chains through their plans, 1 MiB at a
+//!   time. Neither holds more than a few MiB of pages in memory, however large the
+//!   image.
 
+mod diff;
 mod error;
 mod files;
+mod flatten;
 mod format;
+mod map;
 mod reader;
 mod restore;
 mod writer;
 
+pub use diff::{DiffKind, DiffSpan, diff};
 pub use error::{FileKind, ImageError};
 pub(crate) use files::open_regular;
+pub use flatten::{FlattenOptions, flatten};
 pub use format::{
     CountFields, FormatAt, FormatError, IMG_COMMON_MAGIC, PAGEMAP_MAGIC, PageFlags, Pagemap,
     PagemapEntry,
 };
+pub use map::{MAP_COUNT_RESERVE, MapOptions, MapReport, max_map_count};
 pub use reader::{Image, Page};
 pub use restore::{
     MAX_AUTO_THREADS, MIN_BYTES_PER_THREAD, ReadReport, RestoreOptions, RestorePlan, Segment,

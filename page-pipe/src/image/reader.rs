@@ -97,6 +97,7 @@ pub enum Page {
 #[derive(Debug)]
 pub struct Image {
     dir: PathBuf,
+    id: u64,
     pagemap_path: PathBuf,
     pages_path: PathBuf,
     page_size: usize,
@@ -227,6 +228,7 @@ impl Image {
         };
         Ok(Self {
             dir: dir.to_path_buf(),
+            id,
             pagemap_path,
             pages_path,
             page_size,
@@ -240,6 +242,21 @@ impl Image {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The pagemap's id: this image is `pagemap-<id>.img` (in CRIU, the id of the dumped
+    /// process).
+    ///
+    /// ```
+    /// # use page_pipe::image::{Image, ImageWriter};
+    /// # let dir = std::env::temp_dir().join(format!("pp-doc-id-{}", std::process::id()));
+    /// ImageWriter::create(&dir, 42)?.finish()?;
+    /// assert_eq!(Image::open(&dir)?.id(), 42);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), page_pipe::image::ImageError>(())
+    /// ```
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The pagemap image's path.

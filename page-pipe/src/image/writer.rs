@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use page_pipe_sys::{SpliceFlags, Stopped};
 
 use super::error::{ImageError, io_err};
-use super::files::{DIR_MODE, create_temp, link_temp, remove_if_there, sync_dir, write_all_at};
+use super::files::{
+    DIR_MODE, MAX_IO, create_temp, link_temp, read_exact_at, remove_if_there, sync_dir,
+    write_all_at,
+};
 use super::format::{CountFields, MAX_ENTRY_PAGES, encode_entry_counts, encode_head};
 use super::{PageFlags, PagemapEntry, pagemap_name, pages_name, shmem_pagemap_name};
 
@@ -85,10 +88,18 @@ pub struct ImageWriter {
     sync: bool,
     join: bool,
     counts: CountFields,
+    /// Whether [`push_copy`](Self::push_copy) still tries `copy_file_range`.
+    copy_range: bool,
+    /// The buffer [`push_copy`](Self::push_copy) copies through where the kernel cannot
+    /// copy between the files; at most [`COPY_BUF`] bytes, made when first needed.
+    copy_buf: Vec<u8>,
 }
 
 /// Bytes of encoded entries that make the writer write them out.
 const FLUSH_AT: usize = 64 << 10;
+
+/// The most bytes [`ImageWriter::push_copy`] copies through its buffer at a time.
+pub(super) const COPY_BUF: usize = 8 << 20;
 
 impl ImageWriter {
     /// Starts an image `pagemap-<id>.img` with pages file `pages-1.img` in `dir`, making
@@ -180,6 +191,8 @@ impl ImageWriter {
             sync: true,
             join: true,
             counts: CountFields::Both,
+            copy_range: true,
+            copy_buf: Vec::new(),
         })
     }
 
@@ -476,6 +489,95 @@ impl ImageWriter {
         })
     }
 
+    /// Adds a `PRESENT` entry whose pages are copied from `src` (whose path is
+    /// `src_path`), from byte `offset`: in the kernel with `copy_file_range` (no copy
+    /// through user space; a reflink where the file system shares blocks), or, where the
+    /// kernel refuses (`EXDEV`, `EINVAL`, `EOPNOTSUPP`, `ENOSYS`: other file systems, old
+    /// kernels), through a buffer of at most [`COPY_BUF`] bytes.
+    ///
+    /// # Errors
+    /// As [`push_bytes`](Self::push_bytes); [`ImageError::ShortRead`] naming `src_path`
+    /// when it ends before the pages; [`ImageError::Io`] naming the pages file for
+    /// `ENOSPC`, `EDQUOT` and `EFBIG`, else naming `src_path`.
+    pub(super) fn push_copy(
+        &mut self,
+        e: PagemapEntry,
+        src: &File,
+        src_path: &Path,
+        offset: u64,
+    ) -> Result<(), ImageError> {
+        let e = PagemapEntry {
+            flags: e.flags | PageFlags::PRESENT,
+            ..e
+        };
+        self.check(&e)?;
+        let len = e.pages * self.page_size as u64;
+        if let Err(err) = self.copy_in(src, src_path, offset, len) {
+            return Err(self.fail(err));
+        }
+        self.pages_off += len;
+        self.record(e)
+    }
+
+    /// Copies `len` bytes of `src` from `offset` to the pages file at `pages_off`.
+    fn copy_in(
+        &mut self,
+        src: &File,
+        src_path: &Path,
+        mut offset: u64,
+        len: u64,
+    ) -> Result<(), ImageError> {
+        let mut out = self.pages_off;
+        let end = out + len;
+        while out < end {
+            let n = (end - out).min(MAX_IO as u64) as usize;
+            if self.copy_range {
+                let r = rustix::fs::copy_file_range(
+                    src,
+                    Some(&mut offset),
+                    &self.pages,
+                    Some(&mut out),
+                    n,
+                );
+                match r {
+                    Ok(0) => {
+                        return Err(ImageError::ShortRead {
+                            path: src_path.to_path_buf(),
+                            offset,
+                        });
+                    }
+                    // The kernel moved both offsets.
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(
+                        rustix::io::Errno::XDEV
+                        | rustix::io::Errno::INVAL
+                        | rustix::io::Errno::OPNOTSUPP
+                        | rustix::io::Errno::NOSYS,
+                    ) => self.copy_range = false,
+                    Err(
+                        e @ (rustix::io::Errno::NOSPC
+                        | rustix::io::Errno::DQUOT
+                        | rustix::io::Errno::FBIG),
+                    ) => {
+                        return Err(io_err(&self.pages_path, "write pages")(e.into()));
+                    }
+                    Err(e) => return Err(io_err(src_path, "copy pages from")(e.into())),
+                }
+                continue;
+            }
+            let n = n.min(COPY_BUF);
+            if self.copy_buf.len() < n {
+                self.copy_buf.resize(n, 0);
+            }
+            let buf = &mut self.copy_buf[..n];
+            read_exact_at(src, src_path, buf, offset)?;
+            write_all_at(&self.pages, buf, out).map_err(io_err(&self.pages_path, "write pages"))?;
+            offset += n as u64;
+            out += n as u64;
+        }
+        Ok(())
+    }
+
     /// Counts `e` and joins it to the pending entry, or encodes the pending entry and
     /// keeps `e` pending.
     fn record(&mut self, e: PagemapEntry) -> Result<(), ImageError> {
@@ -731,5 +833,51 @@ impl Drop for ImageWriter {
         {
             let _ = remove_if_there(tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Copies pages of a source file in the kernel and through the buffer, and a source
+    /// too short for its pages fails the writer naming the source.
+    #[test]
+    fn pages_are_copied_from_a_file_either_way() {
+        let ps = page_pipe_sys::page_size().get();
+        let root = std::env::temp_dir().join(format!("pp-copy-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let src_path = root.join("src.bin");
+        let bytes: Vec<u8> = (0..6 * ps).map(|i| (i / 7) as u8).collect();
+        std::fs::write(&src_path, &bytes).unwrap();
+        let src = File::open(&src_path).unwrap();
+        for kernel in [true, false] {
+            let dir = root.join(format!("img-{kernel}"));
+            let mut w = ImageWriter::create(&dir, 1).unwrap().with_sync(false);
+            w.copy_range = kernel;
+            let e = |p: u64, pages| PagemapEntry {
+                vaddr: 0x100000 + p * ps as u64,
+                pages,
+                flags: PageFlags::PRESENT,
+            };
+            w.push_copy(e(0, 2), &src, &src_path, 3 * ps as u64)
+                .unwrap();
+            w.push_copy(e(4, 1), &src, &src_path, 0).unwrap();
+            w.finish().unwrap();
+            let got = std::fs::read(dir.join("pages-1.img")).unwrap();
+            let want = [&bytes[3 * ps..5 * ps], &bytes[..ps]].concat();
+            assert!(got == want, "copy_file_range: {kernel}");
+
+            let mut w = ImageWriter::create(&dir, 2).unwrap().with_sync(false);
+            w.copy_range = kernel;
+            let err = w.push_copy(e(0, 2), &src, &src_path, 5 * ps as u64);
+            assert!(
+                matches!(&err, Err(ImageError::ShortRead { path, offset }) if *path == src_path && *offset == 6 * ps as u64),
+                "{err:?}"
+            );
+            assert!(matches!(w.finish(), Err(ImageError::ShortRead { .. })));
+            assert!(!dir.join("pagemap-2.img").exists());
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
