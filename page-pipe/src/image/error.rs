@@ -67,6 +67,79 @@ impl fmt::Display for FileKind {
     }
 }
 
+/// What was being done with a file when an [`ImageError::Io`] happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FileOp {
+    /// Opening it.
+    Open,
+    /// Reading it.
+    Read,
+    /// Reading its metadata.
+    Stat,
+    /// Creating it (under a temporary name).
+    Create,
+    /// Writing pages into it.
+    WritePages,
+    /// Writing the pagemap.
+    WritePagemap,
+    /// Copying pages from it.
+    CopyFrom,
+    /// Syncing it to disk.
+    Sync,
+    /// Syncing the directory.
+    SyncDir,
+    /// Giving it its final name (the commit).
+    Commit,
+    /// Removing it.
+    Remove,
+    /// Removing the old pagemap it replaces.
+    RemoveOldPagemap,
+    /// Removing the old `parent` link.
+    RemoveOldLink,
+    /// Making the `parent` link.
+    MakeLink,
+    /// Making the directory.
+    MakeDir,
+    /// Opening the directory.
+    OpenDir,
+    /// Listing the directory.
+    ListDir,
+    /// Finding the directory.
+    FindDir,
+    /// Finding the parent directory.
+    FindParentDir,
+    /// Mapping it.
+    Map,
+}
+
+impl fmt::Display for FileOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileOp::Open => "open",
+            FileOp::Read => "read",
+            FileOp::Stat => "stat",
+            FileOp::Create => "create",
+            FileOp::WritePages => "write pages",
+            FileOp::WritePagemap => "write the pagemap",
+            FileOp::CopyFrom => "copy pages from",
+            FileOp::Sync => "sync",
+            FileOp::SyncDir => "sync the directory",
+            FileOp::Commit => "commit",
+            FileOp::Remove => "remove",
+            FileOp::RemoveOldPagemap => "remove the old pagemap",
+            FileOp::RemoveOldLink => "remove the old link",
+            FileOp::MakeLink => "make the link",
+            FileOp::MakeDir => "make the directory",
+            FileOp::OpenDir => "open the directory",
+            FileOp::ListDir => "list the directory",
+            FileOp::FindDir => "find the directory",
+            FileOp::FindParentDir => "find the parent directory",
+            FileOp::Map => "map",
+        })
+    }
+}
+
 /// What went wrong with an image, and in which file.
 ///
 /// ```
@@ -91,7 +164,7 @@ pub enum ImageError {
         /// The file.
         path: PathBuf,
         /// What was being done.
-        op: &'static str,
+        op: FileOp,
         /// The error.
         error: io::Error,
     },
@@ -236,9 +309,8 @@ pub enum ImageError {
 impl fmt::Display for ImageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ImageError::Io { path, op, error } => {
-                write!(f, "{}: cannot {op}: {error}", path.display())
-            }
+            // The I/O error is the source: callers print the chain.
+            ImageError::Io { path, op, .. } => write!(f, "{}: cannot {op}", path.display()),
             ImageError::Format { path, at } => write!(f, "{}: {at}", path.display()),
             ImageError::NoPagemap { dir, found } => write!(
                 f,
@@ -370,7 +442,7 @@ impl ImageError {
         match self {
             ImageError::Io { path, op, error } => ImageError::Io {
                 path: path.clone(),
-                op,
+                op: *op,
                 error: io(error),
             },
             ImageError::Format { path, at } => ImageError::Format {
@@ -459,10 +531,7 @@ impl ImageError {
 }
 
 /// Wraps an I/O error with the file and what was being done.
-pub(crate) fn io_err<'a>(
-    path: &'a Path,
-    op: &'static str,
-) -> impl FnOnce(io::Error) -> ImageError + 'a {
+pub(crate) fn io_err<'a>(path: &'a Path, op: FileOp) -> impl FnOnce(io::Error) -> ImageError + 'a {
     move |error| ImageError::Io {
         path: path.to_path_buf(),
         op,
@@ -478,7 +547,7 @@ mod tests {
     fn a_duplicate_keeps_the_errno_and_the_message() {
         let e = ImageError::Io {
             path: "d/pages-1.img".into(),
-            op: "write pages",
+            op: FileOp::WritePages,
             error: io::Error::from_raw_os_error(28),
         };
         let d = e.duplicate();
@@ -489,7 +558,7 @@ mod tests {
         assert_eq!(error.raw_os_error(), Some(28));
         let e = ImageError::Io {
             path: "d/pages-1.img".into(),
-            op: "write pages",
+            op: FileOp::WritePages,
             error: io::Error::new(io::ErrorKind::UnexpectedEof, "the pipe held 3 bytes"),
         };
         let d = e.duplicate();

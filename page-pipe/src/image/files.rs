@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::OFlags;
 
-use super::error::{FileKind, ImageError, io_err};
+use super::error::{FileKind, FileOp, ImageError, io_err};
 
 /// The most bytes one `pread`/`pwrite` moves on Linux (`MAX_RW_COUNT`, `INT_MAX` rounded
 /// down to a page); larger requests come back short.
@@ -46,11 +46,11 @@ pub(crate) fn open_regular(path: &Path) -> Result<(File, u64), ImageError> {
                     path: path.to_path_buf(),
                     kind: FileKind::of(m.file_type()),
                 },
-                _ => io_err(path, "open")(error),
+                _ => io_err(path, FileOp::Open)(error),
             });
         }
     };
-    let meta = file.metadata().map_err(io_err(path, "stat"))?;
+    let meta = file.metadata().map_err(io_err(path, FileOp::Stat))?;
     if !meta.is_file() {
         return Err(ImageError::NotRegular {
             path: path.to_path_buf(),
@@ -99,7 +99,7 @@ pub(crate) fn read_exact_at(
                 offset += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err(path, "read")(e)),
+            Err(e) => return Err(io_err(path, FileOp::Read)(e)),
         }
     }
     Ok(())
@@ -153,7 +153,7 @@ pub(crate) fn create_temp(dir: &Path, name: &str) -> Result<(File, PathBuf), Ima
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < TEMP_TRIES => {
                 tries += 1;
             }
-            Err(e) => return Err(io_err(&path, "create")(e)),
+            Err(e) => return Err(io_err(&path, FileOp::Create)(e)),
         }
     }
 }
@@ -169,7 +169,7 @@ pub(crate) fn link_temp(dir: &Path, name: &str, target: &Path) -> Result<PathBuf
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < TEMP_TRIES => {
                 tries += 1;
             }
-            Err(e) => return Err(io_err(&path, "make the link")(e)),
+            Err(e) => return Err(io_err(&path, FileOp::MakeLink)(e)),
         }
     }
 }
@@ -186,5 +186,5 @@ pub(crate) fn remove_if_there(path: &Path) -> io::Result<()> {
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), ImageError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err(dir, "sync the directory"))
+        .map_err(io_err(dir, FileOp::SyncDir))
 }

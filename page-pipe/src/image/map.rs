@@ -45,7 +45,7 @@ use std::io;
 
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 
-use super::error::io_err;
+use super::error::{FileOp, io_err};
 use super::{Image, ImageError, ReadReport, RestoreOptions, Segment, SegmentKind};
 
 /// Mappings a restore by mapping leaves free below `vm.max_map_count` for the rest of
@@ -102,9 +102,9 @@ pub struct MapReport {
 /// [`ImageError::Io`] naming the file when it cannot be read or holds no number.
 pub fn max_map_count() -> Result<usize, ImageError> {
     let path = std::path::Path::new(MAX_MAP_COUNT_PATH);
-    let text = std::fs::read_to_string(path).map_err(io_err(path, "read"))?;
+    let text = std::fs::read_to_string(path).map_err(io_err(path, FileOp::Read))?;
     text.trim().parse().map_err(|_| {
-        io_err(path, "read")(io::Error::new(
+        io_err(path, FileOp::Read)(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("not a number: {:?}", text.trim()),
         ))
@@ -114,7 +114,7 @@ pub fn max_map_count() -> Result<usize, ImageError> {
 /// The mappings this process has now: lines of `/proc/self/maps`.
 fn mappings_in_use() -> Result<usize, ImageError> {
     let path = std::path::Path::new(SELF_MAPS_PATH);
-    let text = std::fs::read(path).map_err(io_err(path, "read"))?;
+    let text = std::fs::read(path).map_err(io_err(path, FileOp::Read))?;
     Ok(text.iter().filter(|&&b| b == b'\n').count())
 }
 
@@ -304,7 +304,7 @@ impl Image {
             let file = img.pages.as_ref().expect("present pages have a file");
             let size = file
                 .metadata()
-                .map_err(io_err(img.pages_path(), "stat"))?
+                .map_err(io_err(img.pages_path(), FileOp::Stat))?
                 .len();
             if size < end {
                 return Err(ImageError::ShortRead {

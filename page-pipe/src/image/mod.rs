@@ -77,7 +77,7 @@ mod restore;
 mod writer;
 
 pub use diff::{DiffKind, DiffSpan, diff};
-pub use error::{FileKind, ImageError};
+pub use error::{FileKind, FileOp, ImageError};
 pub(crate) use files::open_regular;
 pub use flatten::{FlattenOptions, flatten};
 pub use format::{

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::error::{ImageError, io_err};
+use super::error::{FileOp, ImageError, io_err};
 use super::files::{check_entry, open_regular, read_exact_at};
 use super::{
     MAX_PAGEMAP_BYTES, MAX_PARENT_DEPTH, PageFlags, Pagemap, PagemapEntry, pagemap_name, pages_name,
@@ -14,8 +14,8 @@ use super::{
 /// never followed or opened: one that is not a regular file is an error.
 fn find_pagemap(dir: &Path) -> Result<u64, ImageError> {
     let mut ids = Vec::new();
-    for ent in std::fs::read_dir(dir).map_err(io_err(dir, "list the directory"))? {
-        let ent = ent.map_err(io_err(dir, "list the directory"))?;
+    for ent in std::fs::read_dir(dir).map_err(io_err(dir, FileOp::ListDir))? {
+        let ent = ent.map_err(io_err(dir, FileOp::ListDir))?;
         let name = ent.file_name();
         let Some(name) = name.to_str() else { continue };
         if let Some(id) = name
@@ -23,7 +23,7 @@ fn find_pagemap(dir: &Path) -> Result<u64, ImageError> {
             .and_then(|s| s.strip_suffix(".img"))
             .and_then(|s| s.parse::<u64>().ok())
         {
-            let t = ent.file_type().map_err(io_err(&ent.path(), "stat"))?;
+            let t = ent.file_type().map_err(io_err(&ent.path(), FileOp::Stat))?;
             check_entry(&ent.path(), t)?;
             ids.push(id);
         }
@@ -136,9 +136,7 @@ impl Image {
         page_size: usize,
         seen: &mut Vec<PathBuf>,
     ) -> Result<Self, ImageError> {
-        let canon = dir
-            .canonicalize()
-            .map_err(io_err(dir, "open the directory"))?;
+        let canon = dir.canonicalize().map_err(io_err(dir, FileOp::OpenDir))?;
         if seen.contains(&canon) || seen.len() >= MAX_PARENT_DEPTH {
             return Err(ImageError::ParentLoop {
                 dir: dir.to_path_buf(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use page_pipe_sys::{SpliceFlags, Stopped};
 
-use super::error::{ImageError, io_err};
+use super::error::{FileOp, ImageError, io_err};
 use super::files::{
     DIR_MODE, MAX_IO, create_temp, link_temp, read_exact_at, remove_if_there, sync_dir,
     write_all_at,
@@ -156,7 +156,7 @@ impl ImageWriter {
             .recursive(true)
             .mode(DIR_MODE)
             .create(&dir)
-            .map_err(io_err(&dir, "make the directory"))?;
+            .map_err(io_err(&dir, FileOp::MakeDir))?;
         let pagemap_path = dir.join(&name);
         let pages_path = dir.join(pages_name(pages_id));
         let (pagemap, pagemap_tmp) = create_temp(&dir, &name)?;
@@ -208,17 +208,17 @@ impl ImageWriter {
         let target = parent_dir.as_ref();
         let canon = target
             .canonicalize()
-            .map_err(io_err(target, "find the parent directory"))?;
+            .map_err(io_err(target, FileOp::FindParentDir))?;
         let here = self
             .dir
             .canonicalize()
-            .map_err(io_err(&self.dir, "find the directory"))?;
+            .map_err(io_err(&self.dir, FileOp::FindDir))?;
         let rel = match (canon.parent(), here.parent(), canon.file_name()) {
             (Some(a), Some(b), Some(name)) if a == b => Path::new("..").join(name),
             _ => canon,
         };
         if let Some(old) = self.parent_tmp.take() {
-            remove_if_there(&old).map_err(io_err(&old, "remove"))?;
+            remove_if_there(&old).map_err(io_err(&old, FileOp::Remove))?;
         }
         self.parent_tmp = Some(link_temp(&self.dir, "parent", &rel)?);
         Ok(self)
@@ -388,7 +388,7 @@ impl ImageWriter {
                     format!("the pipe held {} of {len} bytes", partial.done),
                 ),
             };
-            let err = io_err(&self.pages_path, "write pages")(error);
+            let err = io_err(&self.pages_path, FileOp::WritePages)(error);
             return Err(self.fail(err));
         }
         self.pages_off = off;
@@ -438,7 +438,7 @@ impl ImageWriter {
         let mut off = self.pages_off;
         for b in bytes {
             if let Err(p) = b.write_to(self.pages.as_fd(), Some(off)) {
-                let err = io_err(&self.pages_path, "write pages")(p.into());
+                let err = io_err(&self.pages_path, FileOp::WritePages)(p.into());
                 return Err(self.fail(err));
             }
             off += b.len() as u64;
@@ -559,9 +559,9 @@ impl ImageWriter {
                         | rustix::io::Errno::DQUOT
                         | rustix::io::Errno::FBIG),
                     ) => {
-                        return Err(io_err(&self.pages_path, "write pages")(e.into()));
+                        return Err(io_err(&self.pages_path, FileOp::WritePages)(e.into()));
                     }
-                    Err(e) => return Err(io_err(src_path, "copy pages from")(e.into())),
+                    Err(e) => return Err(io_err(src_path, FileOp::CopyFrom)(e.into())),
                 }
                 continue;
             }
@@ -571,7 +571,8 @@ impl ImageWriter {
             }
             let buf = &mut self.copy_buf[..n];
             read_exact_at(src, src_path, buf, offset)?;
-            write_all_at(&self.pages, buf, out).map_err(io_err(&self.pages_path, "write pages"))?;
+            write_all_at(&self.pages, buf, out)
+                .map_err(io_err(&self.pages_path, FileOp::WritePages))?;
             offset += n as u64;
             out += n as u64;
         }
@@ -637,7 +638,7 @@ impl ImageWriter {
                 Ok(())
             }
             Err(error) => {
-                let err = io_err(&self.pagemap_path, "write the pagemap")(error);
+                let err = io_err(&self.pagemap_path, FileOp::WritePagemap)(error);
                 Err(self.fail(err))
             }
         }
@@ -664,29 +665,30 @@ impl ImageWriter {
         if self.sync {
             self.pages
                 .sync_all()
-                .map_err(io_err(&self.pages_path, "sync"))?;
+                .map_err(io_err(&self.pages_path, FileOp::Sync))?;
             self.pagemap
                 .sync_all()
-                .map_err(io_err(&self.pagemap_path, "sync"))?;
+                .map_err(io_err(&self.pagemap_path, FileOp::Sync))?;
         }
         remove_if_there(&self.pagemap_path)
-            .map_err(io_err(&self.pagemap_path, "remove the old pagemap"))?;
+            .map_err(io_err(&self.pagemap_path, FileOp::RemoveOldPagemap))?;
         let tmp = self.pages_tmp.as_ref().expect("renamed only here");
-        std::fs::rename(tmp, &self.pages_path).map_err(io_err(&self.pages_path, "commit"))?;
+        std::fs::rename(tmp, &self.pages_path).map_err(io_err(&self.pages_path, FileOp::Commit))?;
         self.pages_tmp = None;
         let link = self.dir.join("parent");
         match &self.parent_tmp {
             Some(tmp) => {
-                std::fs::rename(tmp, &link).map_err(io_err(&link, "commit"))?;
+                std::fs::rename(tmp, &link).map_err(io_err(&link, FileOp::Commit))?;
                 self.parent_tmp = None;
             }
-            None => remove_if_there(&link).map_err(io_err(&link, "remove the old link"))?,
+            None => remove_if_there(&link).map_err(io_err(&link, FileOp::RemoveOldLink))?,
         }
         if self.sync {
             sync_dir(&self.dir)?;
         }
         let tmp = self.pagemap_tmp.as_ref().expect("renamed only here");
-        std::fs::rename(tmp, &self.pagemap_path).map_err(io_err(&self.pagemap_path, "commit"))?;
+        std::fs::rename(tmp, &self.pagemap_path)
+            .map_err(io_err(&self.pagemap_path, FileOp::Commit))?;
         self.pagemap_tmp = None;
         if self.sync {
             sync_dir(&self.dir)?;
@@ -766,7 +768,7 @@ impl PagesAppender<'_> {
                     format!("the pipe held {} of {len} bytes", partial.done),
                 ),
             };
-            let err = io_err(&w.pages_path, "write pages")(error);
+            let err = io_err(&w.pages_path, FileOp::WritePages)(error);
             return Err(w.fail(err));
         }
         w.pages_off = off;
@@ -782,7 +784,7 @@ impl PagesAppender<'_> {
         self.take(bytes.len())?;
         let w = &mut *self.w;
         if let Err(error) = write_all_at(&w.pages, bytes, w.pages_off) {
-            let err = io_err(&w.pages_path, "write pages")(error);
+            let err = io_err(&w.pages_path, FileOp::WritePages)(error);
             return Err(w.fail(err));
         }
         w.pages_off += bytes.len() as u64;

@@ -134,10 +134,44 @@ pub enum TrackError {
     /// A system call besides the tracking ones failed.
     System {
         /// What was being done.
-        what: &'static str,
+        what: SystemOp,
         /// The errno.
         errno: Errno,
     },
+}
+
+/// What the tracker was doing when a [`TrackError::System`] happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SystemOp {
+    /// Opening `/proc/self/pagemap`.
+    OpenPagemap,
+    /// Reading `/proc/self/smaps`.
+    ReadSmaps,
+    /// Asking `UFFDIO_API` what the kernel offers.
+    AskApi,
+    /// Asking `UFFDIO_API` for the features tracking needs.
+    AskFeatures,
+    /// Populating memory for reading (`MADV_POPULATE_READ`).
+    PopulateRead,
+    /// Making the handler thread's stop pipe.
+    StopPipe,
+    /// Starting the fault handler thread.
+    SpawnHandler,
+}
+
+impl fmt::Display for SystemOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SystemOp::OpenPagemap => "open /proc/self/pagemap",
+            SystemOp::ReadSmaps => "read /proc/self/smaps",
+            SystemOp::AskApi => "ask UFFDIO_API",
+            SystemOp::AskFeatures => "ask UFFDIO_API for the tracking features",
+            SystemOp::PopulateRead => "populate memory for reading (MADV_POPULATE_READ)",
+            SystemOp::StopPipe => "make the handler thread's stop pipe",
+            SystemOp::SpawnHandler => "spawn the fault handler thread",
+        })
+    }
 }
 
 /// An errno as `EBUSY (Device or resource busy)`, for the errors' messages.

@@ -19,7 +19,7 @@ use page_pipe_sys::{Errno, PagefaultFlags, Uffd, UffdEvent, WriteProtectMode};
 
 use super::bitmap::{for_each_run, new_bitmap, set_range};
 use super::live_state::{LiveState, save_page};
-use super::{LostBy, Region, TrackError};
+use super::{LostBy, Region, SystemOp, TrackError};
 
 #[derive(Debug, Clone, Copy)]
 struct HostRegion {
@@ -265,7 +265,7 @@ impl SyncEngine {
             changed: Condvar::new(),
         });
         let pipe = page_pipe_sys::pipe().map_err(|errno| TrackError::System {
-            what: "make the handler thread's stop pipe",
+            what: SystemOp::StopPipe,
             errno,
         })?;
         let s = Arc::clone(&shared);
@@ -274,7 +274,7 @@ impl SyncEngine {
             .name("page-pipe-uffd".into())
             .spawn(move || s.serve(read))
             .map_err(|e| TrackError::System {
-                what: "spawn the fault handler thread",
+                what: SystemOp::SpawnHandler,
                 errno: super::error::io_errno(&e),
             })?;
         Ok(Self {

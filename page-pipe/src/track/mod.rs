@@ -180,7 +180,7 @@ use crate::snapshot::Span;
 use crate::types::{BufFlags, HoleFlags};
 
 pub use bitmap::{DirtyLogError, extend_plan_from_dirty_log, plan_from_dirty_log};
-pub use error::{LostBy, TrackError};
+pub use error::{LostBy, SystemOp, TrackError};
 pub use live::{Live, LiveError, LiveKind, LiveOptions, LiveReport};
 
 use bitmap::{push_plan, push_spans, set_range};

@@ -10,8 +10,8 @@ use super::error::io_errno;
 use super::faults::SyncEngine;
 use super::scan::{self, AsyncEngine};
 use super::{
-    Avoid, Engine, Method, Privilege, Region, TrackError, TrackInfo, TrackOptions, TrackRegion,
-    Tracker, Via, maps, protect,
+    Avoid, Engine, Method, Privilege, Region, SystemOp, TrackError, TrackInfo, TrackOptions,
+    TrackRegion, Tracker, Via, maps, protect,
 };
 
 fn check_regions(given: &[TrackRegion], ps: usize) -> Result<Vec<Region>, TrackError> {
@@ -166,7 +166,7 @@ impl Tracker {
 
         // PAGEMAP_SCAN: there, and wanted?
         let pagemap = Pagemap::open_self().map_err(|errno| TrackError::System {
-            what: "open /proc/self/pagemap",
+            what: SystemOp::OpenPagemap,
             errno,
         });
         let scan_ok = !opts.avoid.contains(Avoid::PAGEMAP_SCAN)
@@ -208,7 +208,7 @@ impl Tracker {
             Privilege::UserModeOnly => {
                 let offered = open_umo()?
                     .api(UffdFeatures::empty())
-                    .map_err(sys("ask UFFDIO_API"))?
+                    .map_err(sys(SystemOp::AskApi))?
                     .features;
                 let method = choose(offered)?;
                 (open_umo()?, Via::Syscall, true, method, offered)
@@ -217,7 +217,7 @@ impl Tracker {
                 Ok((probe, _)) => {
                     let offered = probe
                         .api(UffdFeatures::empty())
-                        .map_err(sys("ask UFFDIO_API"))?
+                        .map_err(sys(SystemOp::AskApi))?
                         .features;
                     drop(probe);
                     let method = choose(offered)?;
@@ -240,7 +240,7 @@ impl Tracker {
                     let offered = open_umo()
                         .map_err(|_| refused(!allow_sync))?
                         .api(UffdFeatures::empty())
-                        .map_err(sys("ask UFFDIO_API"))?
+                        .map_err(sys(SystemOp::AskApi))?
                         .features;
                     let method = choose(offered)?;
                     if opts.privilege == Privilege::Full || method == Method::Sync {
@@ -269,8 +269,7 @@ impl Tracker {
             }
         }
         // It grants all of `want` or fails (and reports every feature it offers).
-        uffd.api(want)
-            .map_err(sys("ask UFFDIO_API for the tracking features"))?;
+        uffd.api(want).map_err(sys(SystemOp::AskFeatures))?;
         let uffd = Arc::new(uffd);
         let info = TrackInfo {
             method,
@@ -344,7 +343,7 @@ impl Tracker {
             if !ioctls.contains(UffdIoctls::ZEROPAGE) {
                 let huge = maps::kernel_page_size(r.host)
                     .map_err(|e| TrackError::System {
-                        what: "read /proc/self/smaps",
+                        what: SystemOp::ReadSmaps,
                         errno: io_errno(&e),
                     })?
                     .unwrap_or(ps);
@@ -360,7 +359,7 @@ impl Tracker {
             for r in t.regions.iter().filter(|r| r.anon) {
                 page_pipe_sys::populate_read(r.host, r.len).map_err(|errno| {
                     TrackError::System {
-                        what: "populate memory for reading (MADV_POPULATE_READ)",
+                        what: SystemOp::PopulateRead,
                         errno,
                     }
                 })?;

@@ -17,8 +17,8 @@ use vm_memory::{
 use super::guest::FdReader;
 use super::{Access, ImageOp, Layout, VmError};
 use crate::image::{
-    Image, ImageError, MAX_AUTO_THREADS, MIN_BYTES_PER_THREAD, ReadReport, RestoreOptions, Segment,
-    SegmentKind,
+    FileOp, Image, ImageError, MAX_AUTO_THREADS, MIN_BYTES_PER_THREAD, ReadReport, RestoreOptions,
+    Segment, SegmentKind,
 };
 
 /// How [`restore`] restores.
@@ -244,7 +244,7 @@ fn read_error(e: VolatileMemoryError, path: &Path, offset: u64, addr: u64) -> Vm
         }
         VolatileMemoryError::IOError(error) => ImageError::Io {
             path: path.to_path_buf(),
-            op: "read",
+            op: FileOp::Read,
             error,
         },
         other => {
