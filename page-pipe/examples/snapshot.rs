@@ -49,8 +49,15 @@ use page_pipe::{BufFlags, CaptureMode, HoleFlags, Source};
 struct Fail(String);
 
 impl<E: std::error::Error> From<E> for Fail {
+    /// The error and its causes, on one line.
     fn from(e: E) -> Self {
-        Fail(e.to_string())
+        let mut msg = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            msg = format!("{msg}: {c}");
+            cause = c.source();
+        }
+        Fail(msg)
     }
 }
 
@@ -447,17 +454,7 @@ fn to_server(
     pages: u64,
     opts: &SnapshotOptions,
 ) -> Result<(SnapshotReport, ImageSummary), Fail> {
-    // The page server's errors with their causes (a refused connection says why).
-    let fail = |e: &dyn std::error::Error| {
-        let mut msg = e.to_string();
-        let mut cause = e.source();
-        while let Some(c) = cause {
-            msg = format!("{msg}: {c}");
-            cause = c.source();
-        }
-        Fail(msg)
-    };
-    let mut client = PageServerClient::connect(addr, 1).map_err(|e| fail(&e))?;
+    let mut client = PageServerClient::connect(addr, 1)?;
     let has_holes = plan.iter().any(|s| matches!(s, Span::Hole { .. }));
     let plan = match plan.first() {
         Some(Span::Pages { addr, .. } | Span::Hole { addr, .. })
@@ -471,8 +468,8 @@ fn to_server(
         }
         _ => plan,
     };
-    let r = snapshot(source, plan, &mut client, opts).map_err(|e| fail(&e))?;
-    let sent = client.close().map_err(|e| fail(&e))?;
+    let r = snapshot(source, plan, &mut client, opts)?;
+    let sent = client.close()?;
     let summary = ImageSummary {
         entries: sent.entries,
         present_pages: sent.present_pages,
