@@ -491,7 +491,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let incr = dir.join("incr");
     let expect = write_incremental(&r, &img, &incr);
     let flat = dir.join("flat");
-    flatten(&incr, &flat, &FlattenOptions { sync: false })?;
+    flatten(
+        &incr,
+        &flat,
+        &FlattenOptions {
+            sync: false,
+            progress: None,
+        },
+    )?;
     settle(&incr)?;
     settle(&flat)?;
     let flat_pages = flat.join("pages-1.img");
@@ -531,7 +538,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // writeback of another's.
     for _ in 0..runs {
         let s = Instant::now();
-        flatten(&incr, &out, &FlattenOptions { sync: false })?;
+        flatten(
+            &incr,
+            &out,
+            &FlattenOptions {
+                sync: false,
+                progress: None,
+            },
+        )?;
         ours.push(s.elapsed());
         settle(&out)?;
         std::fs::remove_dir_all(&out)?;

@@ -172,3 +172,49 @@ fn progress_reaches_the_total_at_a_bounded_rate() {
         assert!(seen.len() < 100, "{drain:?}: {} calls", seen.len());
     }
 }
+
+/// Restores and flattens report progress too: totals of the pages asked for (restore) or
+/// in the image (flatten), never going back, ending at the total.
+#[test]
+fn restores_and_flattens_report_progress() {
+    use page_pipe::image::{FlattenOptions, Image, RestoreOptions};
+    use std::sync::{Arc, Mutex};
+    let pages = 20_000u64;
+    let mem = patterned(pages as usize, 34);
+    let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+    let dir = TempDir::new("progress");
+    let img_dir = dir.path().join("img");
+    let mut w = ImageWriter::create(&img_dir, 1).unwrap().with_sync(false);
+    let plan = [Span::Pages {
+        addr: BASE,
+        pages,
+        flags: BufFlags::empty(),
+    }];
+    snapshot(&source, plan, &mut w, &SnapshotOptions::default()).unwrap();
+    w.finish().unwrap();
+    let img = Image::open(&img_dir).unwrap();
+    let check = |seen: &[page_pipe::PagesDone], total: u64| {
+        assert!(!seen.is_empty());
+        assert!(seen.iter().all(|p| p.total == total && p.done <= total));
+        assert!(seen.windows(2).all(|w| w[0].done <= w[1].done));
+        assert_eq!(seen.last().unwrap().done, total);
+    };
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let opts = RestoreOptions {
+        progress: Some(Arc::new(move |p| log.lock().unwrap().push(p))),
+        ..RestoreOptions::default()
+    };
+    let mut back = vec![0u8; mem.len()];
+    img.restore(BASE, &mut back, &opts).unwrap();
+    assert!(back == mem[..]);
+    check(&seen.lock().unwrap(), pages);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let opts = FlattenOptions {
+        sync: false,
+        progress: Some(Arc::new(move |p| log.lock().unwrap().push(p))),
+    };
+    img.flatten(dir.path().join("flat"), &opts).unwrap();
+    check(&seen.lock().unwrap(), pages);
+}

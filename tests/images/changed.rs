@@ -76,7 +76,13 @@ fn a_pages_file_truncated_while_open_is_a_short_read_everywhere() {
     }
     let flat = root.path().join("flat");
     let err = img
-        .flatten(&flat, &FlattenOptions { sync: false })
+        .flatten(
+            &flat,
+            &FlattenOptions {
+                sync: false,
+                progress: None,
+            },
+        )
         .unwrap_err();
     assert!(short(&err), "{err:?}");
     let left: Vec<_> = std::fs::read_dir(&flat)

@@ -12,7 +12,10 @@ use proptest::prelude::*;
 use super::restore_chains::{Chain, Held, chain, content, resolve, write_chain};
 use super::{BASE, ps};
 
-const NO_SYNC: FlattenOptions = FlattenOptions { sync: false };
+const NO_SYNC: FlattenOptions = FlattenOptions {
+    sync: false,
+    progress: None,
+};
 
 /// The flags the model says a flattened image gives page `p`: those of the entry of the
 /// nearest level that holds it (`None`: in no entry).

@@ -13,16 +13,31 @@ use super::{Segment, SegmentKind};
 /// let fast = FlattenOptions { sync: false };
 /// # let _ = fast;
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct FlattenOptions {
     /// Sync the new image's data before committing it
     /// ([`ImageWriter::with_sync`]). Default: on.
     pub sync: bool,
+    /// Called with the pages of the image written so far and the pages in all, at a
+    /// bounded rate (see [`ProgressFn`](crate::ProgressFn)).
+    pub progress: Option<crate::ProgressFn>,
 }
 
 impl Default for FlattenOptions {
     fn default() -> Self {
-        Self { sync: true }
+        Self {
+            sync: true,
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for FlattenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlattenOptions")
+            .field("sync", &self.sync)
+            .field("progress", &self.progress.as_ref().map(|_| "callback"))
+            .finish()
     }
 }
 
@@ -114,10 +129,13 @@ impl Image {
         let mut w = ImageWriter::create_with_pages_id(dst, self.id(), self.pagemap().pages_id)?
             .with_sync(opts.sync);
         let ps = self.page_size() as u64;
+        let total = self.entries().iter().map(|e| e.pages).sum();
+        let mut progress = crate::progress::Throttle::new(opts.progress.clone(), total);
         // The run being gathered: a segment and whether its pages are lazy.
         let mut run: Option<(Segment, bool)> = None;
         {
             let mut sink = |s: Segment, lazy: bool| -> Result<(), ImageError> {
+                progress.advance(s.len / ps);
                 if let Some((r, l)) = &mut run
                     && *l == lazy
                     && r.vaddr + r.len == s.vaddr
@@ -138,7 +156,9 @@ impl Image {
         if let Some((r, l)) = run {
             self.write_run(&mut w, r, l)?;
         }
-        w.finish()
+        let summary = w.finish()?;
+        progress.finish();
+        Ok(summary)
     }
 
     /// Writes one run of the flattened image: its pages copied from the pages file it

@@ -268,6 +268,7 @@ impl Image {
         let restore = RestoreOptions {
             strict: opts.strict,
             threads: None,
+            progress: None,
         };
         let plan = self.plan(vaddr, len as u64, &restore)?;
         let maps = |kind: SegmentKind| match kind {

@@ -14,6 +14,7 @@ use std::sync::{Mutex, PoisonError};
 use super::files::read_exact_at;
 use super::map::Residency;
 use super::{Image, ImageError, PageFlags};
+use crate::progress::{ProgressFn, Throttle};
 
 /// How [`Image::restore`] restores.
 ///
@@ -25,7 +26,7 @@ use super::{Image, ImageError, PageFlags};
 /// assert!(!RestoreOptions::default().strict && strict.threads.is_none());
 /// # let _ = two;
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Clone, Default)]
 pub struct RestoreOptions {
     /// Refuse pages the chain does not hold (in no entry, or lazy without `PRESENT`) with
     /// [`ImageError::NotInImage`], instead of filling them with zeros. Default: off (such
@@ -36,6 +37,19 @@ pub struct RestoreOptions {
     /// [available parallelism](std::thread::available_parallelism) and
     /// [`MAX_AUTO_THREADS`]. A number given is used as far as there are pages to share.
     pub threads: Option<NonZeroUsize>,
+    /// Called with the pages restored so far and the pages asked for, at a bounded rate
+    /// (see [`ProgressFn`]).
+    pub progress: Option<ProgressFn>,
+}
+
+impl std::fmt::Debug for RestoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreOptions")
+            .field("strict", &self.strict)
+            .field("threads", &self.threads)
+            .field("progress", &self.progress.as_ref().map(|_| "callback"))
+            .finish()
+    }
 }
 
 /// The least destination each thread of an automatic restore gets: below it, starting a
@@ -329,6 +343,8 @@ impl Image {
         // The destination in chunks that the threads take one at a time, so that each
         // faults in and fills ranges of its own, and a thread the scheduler holds back
         // leaves its share to the others.
+        let ps = self.page_size() as u64;
+        let progress = Mutex::new(Throttle::new(opts.progress.clone(), dst.len() as u64 / ps));
         let chunks = Mutex::new(dst.chunks_mut(chunk).enumerate());
         let failed = AtomicBool::new(false);
         let resident = Residency::open();
@@ -337,10 +353,15 @@ impl Image {
                 let next = chunks.lock().unwrap_or_else(PoisonError::into_inner).next();
                 let Some((i, part)) = next else { break };
                 let at = vaddr + (i * chunk) as u64;
+                let pages = part.len() as u64 / ps;
                 if let Err(e) = self.fill(&plan.segments, at, part, Some(&resident)) {
                     failed.store(true, Ordering::Relaxed);
                     return Err(e);
                 }
+                progress
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .advance(pages);
             }
             Ok(())
         };
@@ -363,6 +384,10 @@ impl Image {
             }
             result
         })?;
+        progress
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .finish();
         Ok(report)
     }
 

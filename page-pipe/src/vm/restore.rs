@@ -117,6 +117,7 @@ where
     let ropts = RestoreOptions {
         strict: opts.strict,
         threads: None,
+        progress: None,
     };
     let mut report = ReadReport::default();
     let mut pieces = Vec::new();
