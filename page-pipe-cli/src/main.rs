@@ -5,10 +5,14 @@
 //! page-pipe inspect DIR [--json] [--base ADDR]
 //! page-pipe extract DIR --vaddr ADDR --pages N --out FILE [--strict]
 //! page-pipe verify DIR
+//! page-pipe flatten SRC DST [--no-sync]
+//! page-pipe diff A B
+//! page-pipe page-server --dir DIR [--addr ADDR] [--port PORT | --unix PATH] [--once] [--chain]
 //! ```
 //!
 //! Exit status: 0 when the command did what it was asked; 1 when `verify` found a broken
-//! image; 2 for a usage error or an error that stopped the command. Errors are one line
+//! image, when `diff` found the images differ, or when `page-server --once` served a
+//! session that failed; 2 for a usage error or an error that stopped the command. Errors are one line
 //! on stderr. Progress bars are drawn on stderr when it is a terminal, never otherwise.
 
 use std::io::{IsTerminal, Write};
@@ -76,6 +80,47 @@ enum Cmd {
         /// The image directory.
         dir: PathBuf,
     },
+    /// Write an image chain as one full image (streamed; committed atomically).
+    Flatten {
+        /// The image directory (the top of the chain).
+        src: PathBuf,
+        /// The directory for the flattened image.
+        dst: PathBuf,
+        /// Do not sync the new image before committing it.
+        #[arg(long)]
+        no_sync: bool,
+    },
+    /// Print the pages two images hold differently; exit 0 when they hold the same
+    /// pages, 1 when they differ, 2 on error (as diff(1)).
+    Diff {
+        /// The first image directory.
+        a: PathBuf,
+        /// The second image directory.
+        b: PathBuf,
+    },
+    /// Run a page server, as `criu page-server` is run: it writes the images that
+    /// `criu dump --page-server` or page-pipe clients send, and serves pages back (GET).
+    /// CRIU's protocol has no authentication: keep it on loopback or a private network.
+    PageServer {
+        /// The directory to write images into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The address to listen on (TCP).
+        #[arg(long, default_value = "127.0.0.1")]
+        addr: String,
+        /// The TCP port (0: any free port).
+        #[arg(long, conflicts_with = "unix")]
+        port: Option<u16>,
+        /// A Unix socket path to listen on instead of TCP.
+        #[arg(long)]
+        unix: Option<PathBuf>,
+        /// Serve one session, then exit: status 0 only if it ended cleanly.
+        #[arg(long)]
+        once: bool,
+        /// Session n writes into DIR/<n> with `parent` -> <n-1> (iterative dumps).
+        #[arg(long)]
+        chain: bool,
+    },
 }
 
 /// What stopped a command: the message, and the exit status.
@@ -127,11 +172,23 @@ fn main() -> ExitCode {
             strict,
         } => extract(&dir, vaddr, pages, &out, strict),
         Cmd::Verify { dir } => verify(&dir),
+        Cmd::Flatten { src, dst, no_sync } => flatten(&src, &dst, !no_sync),
+        Cmd::Diff { a, b } => diff(&a, &b),
+        Cmd::PageServer {
+            dir,
+            addr,
+            port,
+            unix,
+            once,
+            chain,
+        } => page_server(dir, &addr, port, unix, once, chain),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
         // A reader that went away (`| head`) is not an error.
         Err(f) if f.msg.contains("Broken pipe") => ExitCode::SUCCESS,
+        // A verdict already printed (diff found differences).
+        Err(f) if f.msg.is_empty() => ExitCode::from(f.code),
         Err(f) => {
             eprintln!("page-pipe: {}", f.msg);
             ExitCode::from(f.code)
@@ -416,4 +473,142 @@ fn verify(dir: &Path) -> Result<(), Fail> {
         human(checked * ps)
     );
     Ok(())
+}
+
+/// A progress callback that draws on `bar`.
+fn progress_to(bar: &ProgressBar) -> page_pipe::ProgressFn {
+    let bar = bar.clone();
+    std::sync::Arc::new(move |p: page_pipe::PagesDone| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    })
+}
+
+fn flatten(src: &Path, dst: &Path, sync: bool) -> Result<(), Fail> {
+    let img = Image::open(src)?;
+    let progress = bar(0, "flatten");
+    let opts = page_pipe::image::FlattenOptions {
+        sync,
+        progress: Some(progress_to(&progress)),
+    };
+    let t = std::time::Instant::now();
+    let s = img.flatten(dst, &opts)?;
+    progress.finish_and_clear();
+    println!(
+        "{} (chain of {}) flattened into {}: {} entries, {} present pages ({}), {} lazy only, in {:.1} ms",
+        src.display(),
+        img.depth(),
+        dst.display(),
+        s.entries,
+        s.present_pages,
+        human(s.present_pages * img.page_size() as u64),
+        s.lazy_pages,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn diff(a: &Path, b: &Path) -> Result<(), Fail> {
+    let (ia, ib) = (Image::open(a)?, Image::open(b)?);
+    let spans = ia.diff(&ib)?;
+    let mut out = std::io::stdout().lock();
+    let mut pages = 0;
+    for s in &spans {
+        let what = match s.kind {
+            page_pipe::image::DiffKind::OnlyInA => format!("only in {}", a.display()),
+            page_pipe::image::DiffKind::OnlyInB => format!("only in {}", b.display()),
+            page_pipe::image::DiffKind::Bytes => "bytes differ".to_string(),
+            page_pipe::image::DiffKind::Lazy => "lazy in one image, bytes in the other".into(),
+        };
+        writeln!(out, "{:#x} +{} pages: {what}", s.vaddr, s.pages)?;
+        pages += s.pages;
+    }
+    if spans.is_empty() {
+        writeln!(
+            out,
+            "{} and {} hold the same pages",
+            a.display(),
+            b.display()
+        )?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{} and {} differ in {pages} pages ({} spans)",
+        a.display(),
+        b.display(),
+        spans.len()
+    )?;
+    Err(Fail {
+        msg: String::new(),
+        code: 1,
+    })
+}
+
+fn page_server(
+    dir: PathBuf,
+    addr: &str,
+    port: Option<u16>,
+    unix: Option<PathBuf>,
+    once: bool,
+    layered: bool,
+) -> Result<(), Fail> {
+    use page_pipe::page_server::{Layout, PageServer, ServerConfig};
+    let config = ServerConfig {
+        layout: if layered { Layout::Chain } else { Layout::Flat },
+        ..ServerConfig::new(&dir)
+    };
+    let server = match (&unix, port) {
+        (Some(path), _) => PageServer::bind_unix(path, config)?,
+        (None, Some(port)) => PageServer::bind((addr, port), config)?,
+        (None, None) => {
+            return Err(Fail {
+                msg: "page-server needs --port or --unix".into(),
+                code: 2,
+            });
+        }
+    };
+    let at = match (server.local_addr(), server.unix_path()) {
+        (Some(a), _) => a.to_string(),
+        (None, Some(p)) => format!("unix:{}", p.display()),
+        (None, None) => "?".into(),
+    };
+    println!(
+        "page-server: listening on {at}, images in {}",
+        dir.display()
+    );
+    let show = |r: &page_pipe::page_server::SessionReport| {
+        let images: Vec<String> = r
+            .images
+            .iter()
+            .map(|i| format!("{} in {}", i.image, i.dir.display()))
+            .collect();
+        println!(
+            "page-server: session with {} committed {}",
+            r.peer,
+            images.join(", ")
+        );
+    };
+    if once {
+        let incoming = server.accept()?;
+        return match server.serve(incoming) {
+            Ok(r) => {
+                show(&r);
+                Ok(())
+            }
+            Err(e) => Err(Fail {
+                msg: chain(&e),
+                code: 1,
+            }),
+        };
+    }
+    let running = server.spawn()?;
+    loop {
+        if let Some(out) = running.next_outcome(std::time::Duration::from_secs(3600)) {
+            match out.result {
+                Ok(r) => show(&r),
+                Err(e) => eprintln!("page-server: {}", chain(&e)),
+            }
+        }
+    }
 }

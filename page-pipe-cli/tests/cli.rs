@@ -224,3 +224,100 @@ fn usage_errors_exit_with_status_2() {
     assert!(help.status.success());
     assert!(text(&help.stdout).contains("Exit status"));
 }
+
+#[test]
+fn flatten_then_diff_says_the_images_hold_the_same_pages() {
+    let dir = Scratch::new("flatten");
+    let flat = dir.0.join("flat");
+    let out = run(&[
+        "flatten",
+        fixture().to_str().unwrap(),
+        flat.to_str().unwrap(),
+        "--no-sync",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("flattened into"),
+        "{}",
+        text(&out.stdout)
+    );
+    let same = run(&["diff", fixture().to_str().unwrap(), flat.to_str().unwrap()]);
+    assert_eq!(same.status.code(), Some(0), "{}", text(&same.stderr));
+    // One byte changed in the flattened pages: exit 1, the page named.
+    let pages = std::fs::read_dir(&flat)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("pages-")
+        })
+        .unwrap();
+    let mut bytes = std::fs::read(&pages).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&pages, bytes).unwrap();
+    let differ = run(&["diff", fixture().to_str().unwrap(), flat.to_str().unwrap()]);
+    assert_eq!(differ.status.code(), Some(1), "{}", text(&differ.stderr));
+    assert!(text(&differ.stdout).contains("0x55573d98e000 +1 pages: bytes differ"));
+    // An error is status 2.
+    let err = run(&["diff", fixture().to_str().unwrap(), "/nonexistent/x"]);
+    assert_eq!(err.status.code(), Some(2));
+}
+
+/// `page-server --once` takes one session from a client and commits its image; a
+/// session that breaks off makes it exit with status 1 and commit nothing.
+#[test]
+fn page_server_once_serves_one_session() {
+    use page_pipe::page_server::PageServerClient;
+    use page_pipe::{PageFlags, PagemapEntry};
+    use std::io::{BufRead, BufReader};
+    for clean in [true, false] {
+        let dir = Scratch::new(if clean { "ps-clean" } else { "ps-broken" });
+        let mut child = exe()
+            .args([
+                "page-server",
+                "--dir",
+                dir.0.to_str().unwrap(),
+                "--port",
+                "0",
+                "--once",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split_whitespace()
+            .find(|w| w.starts_with("127.0.0.1:"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .trim_end_matches(',')
+            .to_string();
+        let ps = page_pipe::page_size();
+        let mut c = PageServerClient::connect(addr.as_str(), 42).unwrap();
+        let e = PagemapEntry {
+            vaddr: 0x10 * ps as u64,
+            pages: 1,
+            flags: PageFlags::PRESENT,
+        };
+        c.send_entry(e, &vec![9u8; ps]).unwrap();
+        if clean {
+            c.close().unwrap();
+        } else {
+            drop(c);
+        }
+        let status = child.wait().unwrap();
+        let committed = dir.0.join("pagemap-42.img").exists();
+        if clean {
+            assert!(status.success() && committed);
+        } else {
+            assert_eq!(status.code(), Some(1));
+            assert!(!committed);
+        }
+    }
+}
