@@ -60,10 +60,10 @@ pub enum Span {
 /// How the pages reach the sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Drain {
-    /// As the sink does best (measured; see the README): through pipes into sockets and
-    /// pipes when the pages may leave by reference (memory nobody can write any more, or
+    /// As the sink does best (measured; see the README): through pipes into Unix sockets
+    /// and pipes when the pages may leave by reference (memory nobody can write any more, or
     /// a sink made with [`FdSink::new_zero_copy`](crate::FdSink::new_zero_copy)); straight
-    /// from memory otherwise. The default.
+    /// from memory otherwise, and always into files and TCP sockets. The default.
     #[default]
     Auto,
     /// Always through pipes: capture with `vmsplice`, then a dump out of the pipes.

@@ -218,3 +218,82 @@ fn restores_and_flattens_report_progress() {
     img.flatten(dir.path().join("flat"), &opts).unwrap();
     check(&seen.lock().unwrap(), pages);
 }
+
+/// `Drain::Auto` sends memory nobody else can write through pipes only where that pays
+/// (a Unix socket, a pipe) and writes it from memory into files and TCP sockets (where
+/// `splice` was measured slower than `write`); borrowed memory always goes from memory.
+#[test]
+fn auto_drain_picks_the_path_per_destination() {
+    use page_pipe::CapturePath;
+    use page_pipe::FdSink;
+    use std::io::Read;
+    let ps = ps() as usize;
+    let pages = 64;
+    let mut sealed = memmap2::MmapOptions::new()
+        .len(pages * ps)
+        .map_anon()
+        .unwrap();
+    sealed.copy_from_slice(&patterned(pages, 3)[..]);
+    let sealed = sealed.make_read_only().unwrap();
+    let lent = patterned(pages, 3);
+    let spans = vec![Span::Pages {
+        addr: BASE,
+        pages: pages as u64,
+        flags: BufFlags::empty(),
+    }];
+    let opts = SnapshotOptions::default();
+    let via = |source: &Source<'_>, kind: &str| -> (CapturePath, Vec<u8>) {
+        // Each destination is drained on another thread so a full socket cannot block.
+        let (path, bytes) = match kind {
+            "unix" => {
+                let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+                let reader = std::thread::spawn(move || {
+                    let mut v = Vec::new();
+                    b.read_to_end(&mut v).unwrap();
+                    v
+                });
+                let mut sink = FdSink::new(a);
+                let r = snapshot(source, spans.clone(), &mut sink, &opts).unwrap();
+                drop(sink);
+                (r.path, reader.join().unwrap())
+            }
+            "tcp" => {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (mut b, _) = l.accept().unwrap();
+                let reader = std::thread::spawn(move || {
+                    let mut v = Vec::new();
+                    b.read_to_end(&mut v).unwrap();
+                    v
+                });
+                let mut sink = FdSink::new(a);
+                let r = snapshot(source, spans.clone(), &mut sink, &opts).unwrap();
+                drop(sink);
+                (r.path, reader.join().unwrap())
+            }
+            _ => {
+                let dir = TempDir::new("auto-file");
+                let p = dir.path().join("pages");
+                let mut sink = FdSink::new(std::fs::File::create(&p).unwrap());
+                let r = snapshot(source, spans.clone(), &mut sink, &opts).unwrap();
+                drop(sink);
+                (r.path, std::fs::read(&p).unwrap())
+            }
+        };
+        (path, bytes)
+    };
+    let sealed_src = Source::new().with_mmap(BASE, sealed).unwrap();
+    let lent_src = Source::new().with_slice(BASE, &lent[..]).unwrap();
+    for (kind, through_pipes) in [("unix", true), ("tcp", false), ("file", false)] {
+        let (path, bytes) = via(&sealed_src, kind);
+        assert_eq!(
+            path != CapturePath::Direct,
+            through_pipes,
+            "sealed memory into {kind}"
+        );
+        assert_eq!(bytes[..], lent[..], "sealed memory into {kind}: bytes");
+        let (path, bytes) = via(&lent_src, kind);
+        assert_eq!(path, CapturePath::Direct, "borrowed memory into {kind}");
+        assert_eq!(bytes[..], lent[..], "borrowed memory into {kind}: bytes");
+    }
+}
