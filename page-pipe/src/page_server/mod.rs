@@ -100,10 +100,10 @@
 mod client;
 mod config;
 mod error;
-mod rules;
+pub(crate) mod rules;
 mod server;
 mod session;
-mod stream;
+pub(crate) mod stream;
 pub mod wire;
 
 pub use client::{ClientReport, DEFAULT_CLIENT_TIMEOUT, PageServerClient};
