@@ -60,7 +60,7 @@ pub use pipe::{
 };
 pub use probe::{GiftSupport, VmspliceMode, VmspliceProbe, probe_vmsplice};
 pub use probe_uffd::{UffdProbe, probe_userfaultfd};
-pub use raw::{copy_from_raw, read_raw_exact, send_raw_exact, write_raw_exact};
+pub use raw::{copy_from_raw, read_raw_exact, recv_raw_exact, send_raw_exact, write_raw_exact};
 pub use sizing::{
     NR_PIPES_PER_CHUNK, PAGE_ALLOC_COSTLY_ORDER, PIPE_DEF_BUFFERS, PIPE_MIN_DEF_BUFFERS,
     PIPE_SIZE_LIMIT, UIO_MAXIOV, pipe_max_size_pages, round_pipe_size,

@@ -341,8 +341,9 @@ fn a_cancel_mid_round_ends_both_sides_cleanly() {
     };
     let (addr, h) = receiver(pages, ReceiveOptions::default());
     let token = CancelToken::new();
+    // 4 MiB at 2 MiB/s: round 1 alone would take two seconds.
     let opts = MigrateOptions {
-        bandwidth: Some(8 << 20),
+        bandwidth: Some(2 << 20),
         cancel: Some(token.clone()),
         ..MigrateOptions::default()
     };
@@ -667,10 +668,15 @@ fn tls_receiver(pages: usize, cfg: TlsServerConfig) -> (std::net::SocketAddr, Tl
     (addr, h)
 }
 
-/// Over TLS, both ends authenticated, a migration with writers running ends equal.
+/// Over TLS, both ends authenticated, a migration with writers running ends equal, and
+/// the tunnels' threads and sockets are gone after.
 #[test]
 fn a_migration_over_tls_ends_equal() {
+    if !alone("a_migration_over_tls_ends_equal") {
+        return;
+    }
     let pages = 2048;
+    let (t0, f0) = (threads(), open_fds());
     let r = Running::new(pages, 1, Duration::from_micros(20));
     let Some(mut t) = tracker(&r, "a_migration_over_tls_ends_equal") else {
         return;
@@ -691,6 +697,8 @@ fn a_migration_over_tls_ends_equal() {
     assert_eq!(got.rounds.len(), report.rounds.len());
     assert_eq!(pages_differ(&r.mem, &dest.mmap().unwrap()[..]), 0);
     drop(r.finish());
+    drop((t, dest));
+    assert_eq!((threads(), open_fds()), (t0, f0));
 }
 
 /// A client that trusts another CA refuses the receiver's certificate.
@@ -787,4 +795,55 @@ fn guest_memory_receives_and_refuses_runs_in_a_gap() {
         0,
         "nothing written"
     );
+}
+
+/// The page server with TLS: a client with a certificate the CA signed writes its image;
+/// a plain TCP client is refused in the handshake, and the server goes on serving.
+#[test]
+fn the_page_server_over_tls_takes_authenticated_clients_only() {
+    use page_pipe::page_server::{PageServer, ServerConfig};
+    let p = pki();
+    let dir = page_pipe_tests::TempDir::new("migrate-ps-tls");
+    let config = ServerConfig {
+        sync: false,
+        idle_timeout: Some(Duration::from_secs(5)),
+        ..ServerConfig::new(dir.path())
+    };
+    let server = PageServer::bind("127.0.0.1:0", config)
+        .unwrap()
+        .with_tls(server_cfg(&p, &p.ca_pem));
+    let addr = server.local_addr().unwrap();
+    let plain = thread::spawn(move || {
+        // A client that speaks no TLS: its OPEN2 is no ClientHello.
+        PageServerClient::connect(addr, 1).map(|_| ())
+    });
+    let refused = server.accept().unwrap_err();
+    assert!(
+        matches!(refused, page_pipe::page_server::ServerError::Tls { .. }),
+        "{refused:?}"
+    );
+    assert!(plain.join().unwrap().is_err());
+    let cfg = client_cfg(&p, &p.ca_pem);
+    let client = thread::spawn(move || {
+        let mut c = PageServerClient::connect_tls(addr, &cfg, 7)?;
+        c.send_entry(
+            PagemapEntry {
+                vaddr: BASE,
+                pages: 2,
+                flags: PageFlags::PRESENT,
+            },
+            &vec![9u8; 2 * ps()],
+        )?;
+        c.close()
+    });
+    let incoming = server.accept().expect("the TLS client is accepted");
+    let report = server.serve(incoming).unwrap();
+    client.join().unwrap().unwrap();
+    assert_eq!(report.images.len(), 1);
+    let mut back = vec![0u8; 2 * ps()];
+    page_pipe::image::Image::open_id(dir.path(), 7)
+        .unwrap()
+        .read(BASE, &mut back)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 9));
 }

@@ -3,7 +3,7 @@
 //! This module opts in to `unsafe` code for one promise: **the kernel writes received
 //! pages into the region only at addresses inside it.** Every write goes through
 //! [`MemoryRegion::read_from`], which checks the run against the region first (the page
-//! addresses of a stream are the peer's, untrusted), then lets `read(2)` fill the memory
+//! addresses of a stream are the peer's, untrusted), then lets `recv(2)` fill the memory
 //! straight from the socket: no reference to the memory is made, so memory others could
 //! observe is never seen as a `&mut [u8]`.
 //!
@@ -167,9 +167,10 @@ impl MemoryRegion {
         self.map
     }
 
-    /// Reads exactly `len` bytes from `fd` into the region at address `vaddr`, after
-    /// checking that they lie in it; `Err(None)` when they do not (nothing read), else
-    /// what the read did.
+    /// Receives exactly `len` bytes from the socket `fd` into the region at address
+    /// `vaddr` (`recv` with `MSG_WAITALL`: few calls per payload), after checking that
+    /// they lie in it; `Err(None)` when they do not (nothing read), else what the
+    /// receive did.
     pub(crate) fn read_from(
         &mut self,
         fd: BorrowedFd<'_>,
@@ -191,6 +192,6 @@ impl MemoryRegion {
         //   only through `&mut self`) or the `from_raw` caller's promise;
         // - no Rust reference to them exists during the call (the region hands none out
         //   while `&mut self` is borrowed here; `mmap()` needs `&self`).
-        unsafe { page_pipe_sys::read_raw_exact(fd, dst, len, None) }.map_err(Some)
+        unsafe { page_pipe_sys::recv_raw_exact(fd, dst, len) }.map_err(Some)
     }
 }

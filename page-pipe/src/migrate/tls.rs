@@ -337,9 +337,21 @@ impl TlsServerConfig {
 /// joins its thread.
 ///
 /// ```
-/// # use page_pipe::migrate::tls::*;
-/// # fn certs() -> Option<(TlsServerConfig, TlsClientConfig)> { None }
-/// let Some((server_cfg, client_cfg)) = certs() else { return Ok(()) };
+/// use page_pipe::migrate::tls::*;
+/// // A CA and one certificate for each end (made here; yours come from your PKI).
+/// let ca_key = rcgen::KeyPair::generate()?;
+/// let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+/// ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+/// let ca_pem = ca.self_signed(&ca_key)?.pem();
+/// let issuer = rcgen::Issuer::new(ca, ca_key);
+/// let leaf = |name: &str| -> Result<TlsIdentity, Box<dyn std::error::Error>> {
+///     let key = rcgen::KeyPair::generate()?;
+///     let cert = rcgen::CertificateParams::new(vec![name.to_string()])?.signed_by(&key, &issuer)?;
+///     Ok(TlsIdentity::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())?)
+/// };
+/// let server_cfg = TlsServerConfig::new(ca_pem.as_bytes(), leaf("localhost")?)?;
+/// let client_cfg = TlsClientConfig::new(ca_pem.as_bytes(), leaf("a-client")?, "localhost")?;
+///
 /// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
 /// let addr = listener.local_addr()?;
 /// let server = std::thread::spawn(move || {
@@ -603,6 +615,7 @@ impl Pump {
     /// bytes are flushed (or the linger ran out), or a call fails.
     fn pump(&mut self) -> io::Result<()> {
         let mut buf = vec![0u8; 64 << 10];
+        self.deliver(&mut buf)?;
         loop {
             // TLS records out.
             while self.conn.wants_write() {
@@ -684,6 +697,13 @@ impl Pump {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(e),
         }
+        self.deliver(buf)
+    }
+
+    /// Decrypts the records rustls holds and moves their plaintext into `to_local`. Also
+    /// called before the first poll: the handshake's last read may have brought
+    /// application data along, which no later readiness of the socket would announce.
+    fn deliver(&mut self, buf: &mut [u8]) -> io::Result<()> {
         if let Err(e) = self.conn.process_new_packets() {
             // Send the alert rustls queued, then stop.
             let _ = self.conn.write_tls(&mut self.tcp);
