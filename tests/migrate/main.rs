@@ -847,3 +847,68 @@ fn the_page_server_over_tls_takes_authenticated_clients_only() {
         .unwrap();
     assert!(back.iter().all(|&b| b == 9));
 }
+
+/// CRIU 4.2's own client stream (recorded: a process's dump, one image, entries from
+/// 0x55ea... to 0x7ffe...) received into one sparse region covering them all: every
+/// page lands where the images CRIU's server wrote from the same stream say.
+#[test]
+fn criu_s_stream_lands_where_criu_s_images_say() {
+    use std::io::Write;
+    let dir = page_pipe_tests::fixtures().join("criu-4.2-page-server-a");
+    let stream = std::fs::read(dir.join("client-stream.bin")).unwrap();
+    let image = page_pipe::image::Image::open_id(&dir, 12856).unwrap();
+    let p = ps() as u64;
+    let entries = image.entries().to_vec();
+    let lo = entries.first().unwrap().vaddr & !(p - 1);
+    let hi = entries.last().unwrap().end(ps()).unwrap();
+    let len = (hi - lo) as usize;
+    // Tens of TiB of address space, never touched but where pages land.
+    let Ok(map) = MmapOptions::new().len(len).no_reserve_swap().map_anon() else {
+        println!(
+            "SKIPPED criu_s_stream_lands_where_criu_s_images_say: cannot map {len} bytes of address space"
+        );
+        return;
+    };
+    let mut region = MemoryRegion::from_mmap(lo, map).unwrap();
+    let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let sender = thread::spawn(move || {
+        let mut r = a.try_clone().unwrap();
+        let reader = thread::spawn(move || {
+            let mut back = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut r, &mut back);
+            back
+        });
+        a.write_all(&stream).unwrap();
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        reader.join().unwrap()
+    });
+    let got = receive(
+        Incoming::from_unix(b),
+        &mut region,
+        &ReceiveOptions::default(),
+    )
+    .unwrap();
+    let replies = sender.join().unwrap();
+    assert_eq!(
+        replies,
+        std::fs::read(dir.join("server-replies.bin")).unwrap(),
+        "the replies CRIU's server sent"
+    );
+    assert_eq!(got.rounds.len(), 1);
+    let mem = region.mmap().unwrap();
+    let mut want = Vec::new();
+    for e in entries.iter().filter(|e| e.is_present()) {
+        want.resize(e.pages as usize * ps(), 0);
+        image.read(e.vaddr, &mut want).unwrap();
+        let at = (e.vaddr - lo) as usize;
+        assert!(mem[at..at + want.len()] == want[..], "entry {e}");
+    }
+    assert_eq!(
+        got.pages(),
+        entries
+            .iter()
+            .filter(|e| e.is_present())
+            .map(|e| e.pages)
+            .sum::<u64>()
+    );
+}

@@ -65,8 +65,9 @@
 //! [`GuestWriter`](crate::vm::GuestWriter). Every run is checked against the destination
 //! before any byte of it is read ([`ReceiveErrorKind::Outside`] names the first page
 //! outside), and its pages are read from the socket straight into the memory, with no
-//! buffer between (`read(2)` into the region). `PARENT` entries are checked and kept
-//! (their pages are here already); lazy entries without pages and `GET` are refused.
+//! buffer between (`recv(2)` into the region; guest memory through its
+//! `VolatileSlice`s). `PARENT` entries are checked and kept (their pages are here
+//! already); lazy entries without pages and `GET` are refused.
 //! `CLOSE` completes the migration; `FORCE_CLOSE` means the sender cancelled
 //! ([`ReceiveErrorKind::Cancelled`]), as does a cancel of the receiver's own token; a
 //! stream that ends before `CLOSE` is [`ReceiveErrorKind::NotClosed`]. A receiver that
