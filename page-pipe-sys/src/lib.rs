@@ -12,7 +12,7 @@
 //!   exact number of bytes with `vmsplice`, `splice`, `tee` and `write`, looping on short
 //!   transfers and `EINTR` and reporting how far they got when they stop early ([`Partial`]);
 //! - socket calls for streaming pages ([`send_all`], [`send_vectored_all`], [`recv_some`],
-//!   [`splice_some`], [`poll_readable`]): sends never raise `SIGPIPE`;
+//!   [`splice_some`], [`poll_readable`], [`poll_ready`]): sends never raise `SIGPIPE`;
 //! - a run-time [`probe`](probe_vmsplice) that tells whether `vmsplice` references pages or
 //!   copies them on this kernel, and whether `SPLICE_F_GIFT` is accepted;
 //! - the userfaultfd ABI ([`Uffd`]: `UFFDIO_API`, `UFFDIO_REGISTER`, `UFFDIO_WRITEPROTECT`,
@@ -48,7 +48,9 @@ mod uffd;
 
 pub use layout::{PIPE_BUFFER_SIZE, PipeBuffer};
 pub use limits::{PipeLimits, page_size};
-pub use net::{poll_readable, recv_some, send_all, send_vectored_all, splice_some};
+pub use net::{
+    Interest, Ready, poll_readable, poll_ready, recv_some, send_all, send_vectored_all, splice_some,
+};
 pub use pagemap_scan::{
     PAGEMAP_SCAN, PageCategories, PageRegion, Pagemap, PagemapEntry, PmScanArg, ScanFlags,
 };
@@ -58,7 +60,7 @@ pub use pipe::{
 };
 pub use probe::{GiftSupport, VmspliceMode, VmspliceProbe, probe_vmsplice};
 pub use probe_uffd::{UffdProbe, probe_userfaultfd};
-pub use raw::{copy_from_raw, read_raw_exact, send_raw_exact, write_raw_exact};
+pub use raw::{copy_from_raw, read_raw_exact, recv_raw_exact, send_raw_exact, write_raw_exact};
 pub use sizing::{
     NR_PIPES_PER_CHUNK, PAGE_ALLOC_COSTLY_ORDER, PIPE_DEF_BUFFERS, PIPE_MIN_DEF_BUFFERS,
     PIPE_SIZE_LIMIT, UIO_MAXIOV, pipe_max_size_pages, round_pipe_size,

@@ -253,6 +253,90 @@ pub fn poll_readable(
     Ok(pfds.iter().map(|p| !p.revents().is_empty()).collect())
 }
 
+/// What [`poll_ready`] waits for on one descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Interest {
+    /// `POLLIN`: data to read (or the end of the stream).
+    pub read: bool,
+    /// `POLLOUT`: room to write.
+    pub write: bool,
+}
+
+/// What [`poll_ready`] found on one descriptor. A descriptor closed or in error
+/// (`POLLHUP`, `POLLERR`, `POLLNVAL`) is both, so that the next call on it reports why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ready {
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+}
+
+/// `poll(fds, POLLIN and/or POLLOUT, timeout)`, retried on `EINTR` (with the full timeout
+/// again): which of `fds` are ready for what was asked, `None` for no timeout. All not
+/// ready when the timeout ran out. A descriptor asked for nothing is still reported
+/// ready when closed or in error.
+///
+/// ```
+/// use std::os::fd::AsFd;
+/// use std::time::Duration;
+/// use page_pipe_sys::{poll_ready, Interest};
+/// let (a, b) = std::os::unix::net::UnixStream::pair()?;
+/// let both = Interest { read: true, write: true };
+/// let r = poll_ready(&[(a.as_fd(), both)], Some(Duration::from_millis(1)))?;
+/// assert!(r[0].write && !r[0].read);
+/// drop(b);
+/// assert!(poll_ready(&[(a.as_fd(), both)], None)?[0].read);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// The errno (`ENOMEM`, `EINVAL` for too many descriptors).
+///
+/// # References
+/// - [`poll(2)`](https://man7.org/linux/man-pages/man2/poll.2.html)
+pub fn poll_ready(
+    fds: &[(std::os::fd::BorrowedFd<'_>, Interest)],
+    timeout: Option<std::time::Duration>,
+) -> rustix::io::Result<Vec<Ready>> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|(fd, i)| {
+            let mut f = PollFlags::empty();
+            if i.read {
+                f |= PollFlags::IN;
+            }
+            if i.write {
+                f |= PollFlags::OUT;
+            }
+            PollFd::new(fd, f)
+        })
+        .collect();
+    let ts = timeout.map(|t| Timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: i64::from(t.subsec_nanos()),
+    });
+    loop {
+        match rustix::event::poll(&mut pfds, ts.as_ref()) {
+            Ok(_) => break,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(pfds
+        .iter()
+        .map(|p| {
+            let r = p.revents();
+            let bad = r.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL);
+            Ready {
+                read: bad || r.contains(PollFlags::IN),
+                write: bad || r.contains(PollFlags::OUT),
+            }
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

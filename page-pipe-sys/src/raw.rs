@@ -184,6 +184,76 @@ pub unsafe fn read_raw_exact(
     Ok(())
 }
 
+/// `recv(fd, dst, len, MSG_WAITALL)`, repeated until `len` bytes are received, retrying
+/// on `EINTR`: the kernel writes the memory, as [`read_raw_exact`] does, but each call
+/// waits for the whole rest (or a signal, the socket's timeout, its end), so a large
+/// payload arrives in few calls and wake-ups rather than one per segment.
+///
+/// ```
+/// use std::io::Write;
+/// let (mut a, b) = std::os::unix::net::UnixStream::pair()?;
+/// let writer = std::thread::spawn(move || {
+///     a.write_all(b"ra")?;
+///     std::thread::sleep(std::time::Duration::from_millis(10));
+///     a.write_all(b"w")
+/// });
+/// let mut out = [0u8; 3];
+/// // SAFETY: `out` is ours, writable for 3 bytes, and no reference to it is used during the call.
+/// unsafe { page_pipe_sys::recv_raw_exact(&b, out.as_mut_ptr(), 3) }.unwrap();
+/// assert_eq!(&out, b"raw");
+/// writer.join().unwrap()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Partial`] with the bytes received: [`Stopped::EndOfData`] when the peer closed
+/// first, or the errno (`EAGAIN` when `SO_RCVTIMEO` ran out, `ECONNRESET`, `EFAULT` for
+/// memory that is not mapped, `ENOTSOCK` for a descriptor that is no socket).
+///
+/// # Safety
+/// As [`read_raw_exact`]: the `len` bytes at `dst` are memory the caller may let the
+/// kernel write, and no Rust reference to them that assumes they do not change is used
+/// during the call.
+///
+/// # References
+/// - [`recv(2)`](https://man7.org/linux/man-pages/man2/recv.2.html)
+pub unsafe fn recv_raw_exact(
+    fd: impl AsFd,
+    dst: *mut u8,
+    len: usize,
+) -> std::result::Result<(), Partial> {
+    let fd = fd.as_fd().as_raw_fd();
+    let mut done = 0usize;
+    while done < len {
+        let base = dst.wrapping_add(done).cast::<libc::c_void>();
+        let n = (len - done).min(0x7fff_f000);
+        // SAFETY:
+        // - `fd` is an open descriptor borrowed for this call;
+        // - the kernel writes at most `n` bytes at `base`, within the `len` bytes the
+        //   caller lets it write (an unmapped address gives EFAULT).
+        let got = unsafe { libc::recv(fd, base, n, libc::MSG_WAITALL) };
+        match got {
+            0 => {
+                return Err(Partial {
+                    done,
+                    stopped: Stopped::EndOfData,
+                });
+            }
+            got if got > 0 => done += got as usize,
+            _ => {
+                let e = last_errno();
+                if e != Errno::INTR {
+                    return Err(Partial {
+                        done,
+                        stopped: Stopped::Errno(e),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Copies `dst.len()` bytes from `src` into `dst` with volatile loads: each byte is read
 /// from memory once, whatever the compiler knows, so memory that others write meanwhile
 /// gives some mix of old and new bytes, never undefined behaviour.

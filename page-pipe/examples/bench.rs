@@ -55,6 +55,13 @@
 //! against a `memcpy` of the region into fresh memory; the pause of an incremental live
 //! snapshot (1% written); the live dump with one writer dirtying a random page every
 //! 10 us against the same dump with no writer; the memory the saved copies took.
+//! Then live migration (alone with `--migrate`), over TCP loopback: our receiver
+//! (`migrate::receive` into a `MemoryRegion`) against a `read_exact` loop of the same
+//! stream into the same kind of fresh memory, alternating run by run; and a migration
+//! (`migrate::Sender`, an asynchronous tracker, a downtime target of 10 ms) of a region
+//! that one writer dirties a random page of every 10 us, its final pause and total time
+//! against stop-and-copy (the writer paused for a whole snapshot of the region into the
+//! same receiver).
 //! Then, built with `--features vm-memory` (alone with `--vm`), rust-vmm guest memory: a
 //! `GuestMemoryMmap` of `--size` in two regions with a gap, snapshot into an image
 //! directory (`Source::with_guest_memory`) against the same memory as slices
@@ -69,6 +76,9 @@ mod workloads;
 
 #[path = "../benches/workloads/track.rs"]
 mod track_workloads;
+
+#[path = "../benches/workloads/migrate.rs"]
+mod migrate_workloads;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
@@ -230,6 +240,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if std::env::args().any(|a| a == "--live") {
         return live(size, runs);
+    }
+    if std::env::args().any(|a| a == "--migrate") {
+        return migrate_workloads::rows(size, runs);
     }
     #[cfg(feature = "vm-memory")]
     if std::env::args().any(|a| a == "--vm") {

@@ -54,7 +54,10 @@
 //! through it.
 //!
 //! [`page_server`] speaks CRIU's page-server
-//! protocol, to stream a dump to another host and to receive one.
+//! protocol, to stream a dump to another host and to receive one; [`migrate`] moves
+//! memory to another process or host while the program runs (pre-copy rounds from an
+//! asynchronous tracker, a final pause of milliseconds, the pages received straight into
+//! memory), optionally over TLS ([`tls`], the `tls` feature).
 //!
 //! # Thread safety
 //!
@@ -75,6 +78,7 @@ pub mod capture;
 pub mod dump;
 pub mod guide;
 pub mod image;
+pub mod migrate;
 pub mod mode;
 pub mod page_pipe;
 pub mod page_server;
@@ -86,6 +90,7 @@ pub mod source;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
+pub mod tls;
 pub mod track;
 mod types;
 #[cfg(feature = "vm-memory")]

@@ -10,8 +10,14 @@ use super::{Segment, SegmentKind};
 /// ```
 /// use page_pipe::image::FlattenOptions;
 /// assert!(FlattenOptions::default().sync);
-/// let fast = FlattenOptions { sync: false };
-/// # let _ = fast;
+/// let fast = FlattenOptions { sync: false, ..FlattenOptions::default() };
+/// let shown = FlattenOptions {
+///     progress: Some(std::sync::Arc::new(|p: page_pipe::PagesDone| {
+///         eprintln!("{} of {} pages", p.done, p.total)
+///     })),
+///     ..fast.clone()
+/// };
+/// # let _ = shown;
 /// ```
 #[derive(Clone)]
 pub struct FlattenOptions {

@@ -169,6 +169,36 @@ impl PageServerClient {
         Self::new(Stream::Tcp(s), None)
     }
 
+    /// Connects over TLS (the `tls` feature; see [`tls`](crate::tls))
+    /// and opens `pagemap-<pagemap_id>.img`, as [`connect`](Self::connect) does over
+    /// plain TCP. Pages go as copies (encrypted), whatever the client is told.
+    ///
+    /// # Errors
+    /// [`ClientError::Tls`] when the connection or the handshake fails; as
+    /// [`connect`](Self::connect) otherwise.
+    #[cfg(feature = "tls")]
+    pub fn connect_tls(
+        addr: impl ToSocketAddrs + fmt::Debug,
+        tls: &crate::tls::TlsClientConfig,
+        pagemap_id: u64,
+    ) -> Result<Self, ClientError> {
+        let image = ImageId::pagemap(pagemap_id).ok_or(ClientError::BadId { id: pagemap_id })?;
+        let s = crate::tls::TlsStream::connect(addr, tls, None)
+            .map_err(|error| ClientError::Tls { error })?;
+        let mut c = Self::from_tls(s)?;
+        c.open(image)?;
+        Ok(c)
+    }
+
+    /// A client on a TLS connection (the `tls` feature), no image open yet.
+    ///
+    /// # Errors
+    /// [`ClientError::Io`] when the socket cannot be set up.
+    #[cfg(feature = "tls")]
+    pub fn from_tls(s: crate::tls::TlsStream) -> Result<Self, ClientError> {
+        Self::new(Stream::Tls(s), None)
+    }
+
     /// A client on a connected Unix stream (a socket pair, or a socket a parent process
     /// handed down), no image open yet.
     ///

@@ -280,6 +280,13 @@ pub enum ServerError {
         /// The error.
         error: io::Error,
     },
+    /// A client's TLS handshake failed (the `tls` feature): no certificate, one the CA
+    /// did not sign, or a broken connection.
+    #[cfg(feature = "tls")]
+    Tls {
+        /// The error, naming the client.
+        error: crate::tls::TlsError,
+    },
 }
 
 impl fmt::Display for ServerError {
@@ -291,6 +298,8 @@ impl fmt::Display for ServerError {
             }
             ServerError::Accept { .. } => f.write_str("cannot accept a connection"),
             ServerError::Spawn { .. } => f.write_str("cannot start the server's thread"),
+            #[cfg(feature = "tls")]
+            ServerError::Tls { .. } => f.write_str("cannot accept a TLS client"),
         }
     }
 }
@@ -302,6 +311,8 @@ impl std::error::Error for ServerError {
             | ServerError::Dir { error, .. }
             | ServerError::Accept { error }
             | ServerError::Spawn { error } => Some(error),
+            #[cfg(feature = "tls")]
+            ServerError::Tls { error } => Some(error),
         }
     }
 }
@@ -369,6 +380,13 @@ pub enum ClientError {
         addr: String,
         /// The error.
         error: io::Error,
+    },
+    /// The TLS connection could not be made (the `tls` feature): the server's
+    /// certificate refused, ours refused, or the handshake cut.
+    #[cfg(feature = "tls")]
+    Tls {
+        /// The error, naming the server.
+        error: crate::tls::TlsError,
     },
     /// A socket or pipe call failed.
     Io {
@@ -439,6 +457,8 @@ impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ClientError::Connect { addr, .. } => write!(f, "cannot connect to page server {addr}"),
+            #[cfg(feature = "tls")]
+            ClientError::Tls { .. } => f.write_str("cannot connect to the page server over TLS"),
             ClientError::Io { peer, op, .. } => write!(f, "page server {peer}: cannot {op}"),
             ClientError::Timeout { peer, op, after } => write!(
                 f,
@@ -475,6 +495,8 @@ impl std::error::Error for ClientError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ClientError::Connect { error, .. } | ClientError::Io { error, .. } => Some(error),
+            #[cfg(feature = "tls")]
+            ClientError::Tls { error } => Some(error),
             _ => None,
         }
     }

@@ -75,10 +75,13 @@
 //! # Security
 //!
 //! CRIU's page server has no authentication and no encryption (CRIU offers TLS as an
-//! option; this crate does not speak it): anyone who can connect can write images into
-//! the server's directory or, with `GET`, read pages of the images there. The server
-//! binds 127.0.0.1 unless told otherwise; put anything wider behind a tunnel or a
-//! network namespace you control. What a peer can do is bounded: file names are made from
+//! option): anyone who can connect can write images into the server's directory or,
+//! with `GET`, read pages of the images there. The server binds 127.0.0.1 unless told
+//! otherwise; put anything wider behind a tunnel or a network namespace you control, or,
+//! with the `tls` cargo feature, require TLS with client certificates
+//! ([`PageServer::with_tls`], [`PageServerClient::connect_tls`]; see
+//! [`tls`](crate::tls): the same protocol inside, both ends
+//! authenticated, no zero-copy paths through it; not tested against CRIU's own TLS). What a peer can do is bounded: file names are made from
 //! numbers only, nothing is written outside the directory (and its numbered
 //! subdirectories with [`Layout::Chain`]), every length is checked before anything is
 //! read or allocated, and each session is bounded in images, in message size and in idle
@@ -100,10 +103,10 @@
 mod client;
 mod config;
 mod error;
-mod rules;
+pub(crate) mod rules;
 mod server;
 mod session;
-mod stream;
+pub(crate) mod stream;
 pub mod wire;
 
 pub use client::{ClientReport, DEFAULT_CLIENT_TIMEOUT, PageServerClient};

@@ -83,6 +83,20 @@ impl Incoming {
         Self { stream, peer }
     }
 
+    /// A TLS connection to serve, its handshake done (the `tls` feature; see
+    /// [`tls`](crate::tls)).
+    #[cfg(feature = "tls")]
+    pub fn from_tls(s: crate::tls::TlsStream) -> Self {
+        let stream = Stream::Tls(s);
+        let peer = stream.peer(None);
+        Self { stream, peer }
+    }
+
+    /// The stream and its peer.
+    pub(crate) fn into_parts(self) -> (Stream, Peer) {
+        (self.stream, self.peer)
+    }
+
     /// The client.
     pub fn peer(&self) -> &Peer {
         &self.peer
@@ -128,6 +142,8 @@ enum Listener {
 pub struct PageServer {
     listener: Listener,
     shared: Arc<Shared>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::TlsServerConfig>,
 }
 
 impl PageServer {
@@ -154,7 +170,22 @@ impl PageServer {
             .chain_next
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = first;
-        Ok(Self { listener, shared })
+        Ok(Self {
+            listener,
+            shared,
+            #[cfg(feature = "tls")]
+            tls: None,
+        })
+    }
+
+    /// Requires TLS of every TCP client (the `tls` feature): [`accept`](Self::accept)
+    /// completes the handshake, which refuses clients without a certificate the
+    /// configured CA signed, before a session starts. The handshake runs on the accepting
+    /// thread, bounded by the idle timeout.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, tls: crate::tls::TlsServerConfig) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Listens on TCP address `addr` (`"127.0.0.1:0"` for any free port).
@@ -215,6 +246,16 @@ impl PageServer {
     pub fn accept(&self) -> Result<Incoming, ServerError> {
         let accept_err = |error| ServerError::Accept { error };
         Ok(match &self.listener {
+            #[cfg(feature = "tls")]
+            Listener::Tcp(l) if self.tls.is_some() => {
+                let tcp = l.accept().map_err(accept_err)?.0;
+                // Accepted sockets may inherit nothing, but make sure: the handshake blocks.
+                tcp.set_nonblocking(false).map_err(accept_err)?;
+                let tls = self.tls.as_ref().expect("checked above");
+                let s = crate::tls::TlsStream::accept(tcp, tls, self.shared.config.idle_timeout)
+                    .map_err(|error| ServerError::Tls { error })?;
+                Incoming::from_tls(s)
+            }
             Listener::Tcp(l) => Incoming::from_tcp(l.accept().map_err(accept_err)?.0),
             Listener::Unix(l, path) => {
                 let stream = Stream::Unix(l.accept().map_err(accept_err)?.0);
@@ -314,6 +355,8 @@ impl PageServer {
             let _ = match &incoming.stream {
                 Stream::Tcp(s) => s.set_nonblocking(false),
                 Stream::Unix(s) => s.set_nonblocking(false),
+                #[cfg(feature = "tls")]
+                Stream::Tls(_) => Ok(()),
             };
             stats.sessions += 1;
             next += 1;

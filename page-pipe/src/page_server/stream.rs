@@ -39,6 +39,10 @@ impl fmt::Display for Peer {
 pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// TLS: the plaintext side of a tunnel (a Unix socket), whose thread lives as long
+    /// as this.
+    #[cfg(feature = "tls")]
+    Tls(crate::tls::TlsStream),
 }
 
 impl AsFd for Stream {
@@ -46,6 +50,8 @@ impl AsFd for Stream {
         match self {
             Stream::Tcp(s) => s.as_fd(),
             Stream::Unix(s) => s.as_fd(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(t) => t.local().as_fd(),
         }
     }
 }
@@ -65,6 +71,8 @@ impl Stream {
                     .and_then(|a| a.as_pathname().map(PathBuf::from))
                     .or_else(|| fallback.map(PathBuf::from)),
             ),
+            #[cfg(feature = "tls")]
+            Stream::Tls(t) => Peer::Tcp(t.peer()),
         }
     }
 
@@ -81,6 +89,11 @@ impl Stream {
                 s.set_read_timeout(t)?;
                 s.set_write_timeout(t)
             }
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                s.local().set_read_timeout(t)?;
+                s.local().set_write_timeout(t)
+            }
         }
     }
 
@@ -89,6 +102,8 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.local().shutdown(Shutdown::Both),
         };
     }
 
@@ -97,14 +112,19 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Write),
             Stream::Unix(s) => s.shutdown(Shutdown::Write),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.local().shutdown(Shutdown::Write),
         };
     }
 
-    /// A second handle on the same socket.
+    /// A second handle on the same socket (for TLS, on its plaintext side: enough to
+    /// shut it down; the tunnel stays with the first).
     pub(crate) fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Stream::Unix(s.local().try_clone()?),
         })
     }
 }

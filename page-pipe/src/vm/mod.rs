@@ -101,6 +101,7 @@ use crate::types::BufFlags;
 
 pub use dirty::DirtySet;
 pub use error::{Access, ImageOp, VmError};
+pub(crate) use guest::FdReader;
 pub use restore::{GuestRestoreOptions, restore};
 pub use vm_memory;
 pub use writer::GuestWriter;
