@@ -8,11 +8,12 @@
 //! page-pipe flatten SRC DST [--no-sync]
 //! page-pipe diff A B
 //! page-pipe page-server --dir DIR [--addr ADDR] [--port PORT | --unix PATH] [--once] [--chain]
+//! page-pipe receive --out FILE --base ADDR --size SIZE [--addr ADDR] (--port PORT | --unix PATH)
 //! ```
 //!
 //! Exit status: 0 when the command did what it was asked; 1 when `verify` found a broken
-//! image, when `diff` found the images differ, or when `page-server --once` served a
-//! session that failed; 2 for a usage error or an error that stopped the command. Errors are one line
+//! image, when `diff` found the images differ, or when `page-server --once` or `receive`
+//! served a session that failed; 2 for a usage error or an error that stopped the command. Errors are one line
 //! on stderr. Progress bars are drawn on stderr when it is a terminal, never otherwise.
 
 use std::io::{IsTerminal, Write};
@@ -24,8 +25,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use page_pipe::image::{Image, ImageError, ReadReport, RestoreOptions, SegmentKind};
 use page_pipe::{PageFlags, PagemapEntry};
 
-const AFTER_HELP: &str =
-    "Exit status: 0 success; 1 verify found a broken image; 2 usage error or failure.";
+const AFTER_HELP: &str = "Exit status: 0 success; 1 verify found a broken image, diff found differences, or a \
+     page-server --once or receive session failed; 2 usage error or failure.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -121,6 +122,31 @@ enum Cmd {
         #[arg(long)]
         chain: bool,
     },
+    /// Receive one migration (a page-server stream of rounds, from page-pipe's
+    /// `migrate::Sender` or a page-server client) into a raw memory file: the byte at
+    /// offset N is the sender's memory at BASE + N, pages never sent are zeros (holes in
+    /// the file). The file appears, whole, only when the sender closed the stream;
+    /// exit 1 if the session failed.
+    Receive {
+        /// The memory file to write (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+        /// The sender's address of the file's first byte (hex, page-aligned).
+        #[arg(long, value_parser = parse_hex)]
+        base: u64,
+        /// The memory's size (bytes, or with a K, M or G suffix; whole pages).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// The address to listen on (TCP).
+        #[arg(long, default_value = "127.0.0.1")]
+        addr: String,
+        /// The TCP port (0: any free port; the one taken is printed).
+        #[arg(long, conflicts_with = "unix")]
+        port: Option<u16>,
+        /// A Unix socket path to listen on instead of TCP.
+        #[arg(long)]
+        unix: Option<PathBuf>,
+    },
 }
 
 /// What stopped a command: the message, and the exit status.
@@ -156,6 +182,19 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?}: not a size (bytes, or a number with K, M or G)"))
+}
+
 fn parse_hex(s: &str) -> Result<u64, String> {
     u64::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|e| format!("{s:?}: {e}"))
 }
@@ -182,6 +221,14 @@ fn main() -> ExitCode {
             once,
             chain,
         } => page_server(dir, &addr, port, unix, once, chain),
+        Cmd::Receive {
+            out,
+            base,
+            size,
+            addr,
+            port,
+            unix,
+        } => receive(&out, base, size, &addr, port, unix),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -611,4 +658,131 @@ fn page_server(
             }
         }
     }
+}
+
+/// `receive`: one migration into a raw memory file, committed under its name only once
+/// the sender closed the stream.
+fn receive(
+    out: &Path,
+    base: u64,
+    size: u64,
+    addr: &str,
+    port: Option<u16>,
+    unix: Option<PathBuf>,
+) -> Result<(), Fail> {
+    use page_pipe::migrate::{MemoryRegion, ReceiveOptions, receive};
+    use page_pipe::page_server::Incoming;
+    let usage = |msg: String| Fail { msg, code: 2 };
+    let ps = page_pipe::page_size() as u64;
+    if !size.is_multiple_of(ps) || size == 0 {
+        return Err(usage(format!(
+            "--size {size}: not a whole number of {ps}-byte pages"
+        )));
+    }
+    let len = usize::try_from(size).map_err(|_| usage(format!("--size {size}: too large")))?;
+    if out.symlink_metadata().is_ok() {
+        return Err(usage(format!("{}: exists; not overwritten", out.display())));
+    }
+    let map = memmap2::MmapOptions::new()
+        .len(len)
+        .map_anon()
+        .map_err(|e| usage(format!("cannot map {size} bytes of memory: {e}")))?;
+    let mut region = MemoryRegion::from_mmap(base, map)?;
+    // Listen, and take one connection.
+    let incoming = match (&unix, port) {
+        (Some(path), _) => {
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| usage(format!("{}: cannot listen: {e}", path.display())))?;
+            println!("receive: listening on unix:{}", path.display());
+            let accepted = l.accept();
+            let _ = std::fs::remove_file(path);
+            let (s, _) = accepted.map_err(|e| usage(format!("{}: accept: {e}", path.display())))?;
+            Incoming::from_unix(s)
+        }
+        (None, Some(port)) => {
+            let l = std::net::TcpListener::bind((addr, port))
+                .map_err(|e| usage(format!("{addr}:{port}: cannot listen: {e}")))?;
+            let at = l.local_addr()?;
+            println!("receive: listening on {at}");
+            let (s, _) = l
+                .accept()
+                .map_err(|e| usage(format!("{at}: accept: {e}")))?;
+            Incoming::from_tcp(s)
+        }
+        (None, None) => return Err(usage("receive needs --port or --unix".into())),
+    };
+    let _ = std::io::stdout().flush();
+    let report = receive(incoming, &mut region, &ReceiveOptions::default()).map_err(|e| Fail {
+        msg: chain(&e),
+        code: 1,
+    })?;
+    for r in &report.rounds {
+        println!(
+            "receive: round {}: {} pages ({}), {} named as already here",
+            r.image,
+            r.pages,
+            human(r.pages * ps),
+            r.parent_pages
+        );
+    }
+    let map = region.into_mmap().expect("the region owns its mapping");
+    write_memory_file(out, &map).map_err(|e| Fail {
+        msg: format!("{}: {}", out.display(), chain(&e)),
+        code: 2,
+    })?;
+    println!(
+        "receive: {} pages from {} in {} rounds into {} ({} bytes from {base:#x})",
+        report.pages(),
+        report.peer,
+        report.rounds.len(),
+        out.display(),
+        size
+    );
+    Ok(())
+}
+
+/// Writes `mem` as the file `out`, leaving pages of zeros as holes: under a temporary
+/// name in the same directory, synced, then renamed, so `out` is whole or absent.
+fn write_memory_file(out: &Path, mem: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let ps = page_pipe::page_size();
+    let name = out
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let tmp = out.with_file_name(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.set_len(mem.len() as u64)?;
+        let mut at = 0;
+        while at < mem.len() {
+            // The next run of pages that are not all zeros.
+            let zero = |p: usize| mem[p..p + ps].iter().all(|&b| b == 0);
+            if zero(at) {
+                at += ps;
+                continue;
+            }
+            let mut end = at + ps;
+            while end < mem.len() && end - at < (1 << 20) && !zero(end) {
+                end += ps;
+            }
+            f.write_all_at(&mem[at..end], at as u64)?;
+            at = end;
+        }
+        f.sync_all()?;
+        // `out` appeared meanwhile: do not replace it.
+        std::fs::hard_link(&tmp, out)?;
+        std::fs::remove_file(&tmp)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use page_pipe::{PageFlags, PagemapEntry};
+
 fn exe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_page-pipe"))
 }
@@ -320,4 +322,142 @@ fn page_server_once_serves_one_session() {
             assert!(!committed);
         }
     }
+}
+
+/// `receive` on a free TCP port: its address as printed, and the running child.
+fn receiver(out: &Path, base: u64, size: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = exe()
+        .args(["receive", "--out", out.to_str().unwrap(), "--base"])
+        .arg(format!("{base:x}"))
+        .args(["--size", size, "--port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run page-pipe receive");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("receive: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
+#[test]
+fn receive_writes_the_rounds_into_a_sparse_memory_file_committed_at_close() {
+    use page_pipe::page_server::PageServerClient;
+    use page_pipe::page_server::wire::ImageId;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let ps = page_pipe::page_size();
+    let base = 0x7000_0000u64;
+    let dir = Scratch::new("receive");
+    let out = dir.0.join("mem.raw");
+    let (child, addr) = receiver(&out, base, "64K");
+    let entry = |page: u64, pages: u64| PagemapEntry {
+        vaddr: base + page * ps as u64,
+        pages,
+        flags: PageFlags::PRESENT,
+    };
+    let mut c = PageServerClient::connect_tcp(addr.as_str()).unwrap();
+    // Round 1: pages 1 and 2; round 2 writes page 2 again and page 5.
+    c.open(ImageId::pagemap(1).unwrap()).unwrap();
+    c.send_entry(entry(1, 2), &[[1u8].repeat(ps), [2u8].repeat(ps)].concat())
+        .unwrap();
+    c.open(ImageId::pagemap(2).unwrap()).unwrap();
+    c.send_entry(entry(2, 1), &[9u8].repeat(ps)).unwrap();
+    c.send_entry(entry(5, 1), &[5u8].repeat(ps)).unwrap();
+    c.close().unwrap();
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    let stdout = text(&done.stdout);
+    assert!(stdout.contains("4 pages"), "{stdout}");
+    let mem = std::fs::read(&out).unwrap();
+    assert_eq!(mem.len(), 64 << 10);
+    let page = |n: usize| &mem[n * ps..(n + 1) * ps];
+    for (n, byte) in [(0, 0u8), (1, 1), (2, 9), (3, 0), (4, 0), (5, 5), (6, 0)] {
+        assert!(
+            page(n).iter().all(|&b| b == byte),
+            "page {n} is not all {byte}"
+        );
+    }
+    let meta = std::fs::metadata(&out).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // Sparse: the pages never sent (or all zeros) take no blocks.
+    assert!(meta.blocks() * 512 < meta.len(), "{} blocks", meta.blocks());
+    assert_eq!(
+        std::fs::read_dir(&dir.0).unwrap().count(),
+        1,
+        "a temporary file left"
+    );
+}
+
+#[test]
+fn receive_leaves_no_file_when_the_session_fails() {
+    use page_pipe::page_server::PageServerClient;
+    use page_pipe::page_server::wire::ImageId;
+    let ps = page_pipe::page_size() as u64;
+    let base = 0x7000_0000u64;
+    let dir = Scratch::new("receive-fail");
+    // A run past the end of the memory: refused, exit 1, no file.
+    let out = dir.0.join("outside.raw");
+    let (child, addr) = receiver(&out, base, &format!("{}", 4 * ps));
+    let mut c = PageServerClient::connect_tcp(addr.as_str()).unwrap();
+    c.open(ImageId::pagemap(1).unwrap()).unwrap();
+    let past = PagemapEntry {
+        vaddr: base + 3 * ps,
+        pages: 2,
+        flags: PageFlags::PRESENT,
+    };
+    let _ = c.send_entry(past, &vec![1u8; 2 * ps as usize]);
+    drop(c);
+    let done = child.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(1), "{}", text(&done.stderr));
+    let err = text(&done.stderr);
+    assert!(err.contains(&format!("{:x}", base + 4 * ps)), "{err}");
+    // A sender that goes away before CLOSE: exit 1, no file.
+    let out2 = dir.0.join("cut.raw");
+    let (child, addr) = receiver(&out2, base, "16K");
+    let mut c = PageServerClient::connect_tcp(addr.as_str()).unwrap();
+    c.open(ImageId::pagemap(1).unwrap()).unwrap();
+    drop(c);
+    let done = child.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(1), "{}", text(&done.stderr));
+    assert_eq!(
+        std::fs::read_dir(&dir.0).unwrap().count(),
+        0,
+        "a file was left"
+    );
+    // An existing file is not overwritten; a size of part of a page is refused.
+    std::fs::write(&out, b"keep").unwrap();
+    let o = run(&[
+        "receive",
+        "--out",
+        out.to_str().unwrap(),
+        "--base",
+        "0",
+        "--size",
+        "16K",
+        "--port",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("exists"), "{}", text(&o.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+    let o = run(&[
+        "receive",
+        "--out",
+        out2.to_str().unwrap(),
+        "--base",
+        "0",
+        "--size",
+        "100",
+        "--port",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("pages"), "{}", text(&o.stderr));
 }
