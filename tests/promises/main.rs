@@ -401,3 +401,103 @@ fn volatile_memory_is_copied_and_never_lent_out() {
     drop(source);
     drop(mem);
 }
+
+/// An `AsFd` that answers with a regular file the first time it is asked and with a
+/// socket afterwards: safe code, and nothing in `AsFd`'s contract says the answer stays
+/// the same.
+struct Turncoat {
+    file: std::fs::File,
+    sock: OwnedFd,
+    asked: std::cell::Cell<u32>,
+}
+
+impl std::os::fd::AsFd for Turncoat {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        let n = self.asked.get();
+        self.asked.set(n + 1);
+        if n == 0 {
+            self.file.as_fd()
+        } else {
+            self.sock.as_fd()
+        }
+    }
+}
+
+impl Turncoat {
+    fn new(dir: &TempDir, sock: OwnedFd) -> Self {
+        let file = std::fs::File::create(dir.path().join("decoy")).unwrap();
+        Self {
+            file,
+            sock,
+            asked: std::cell::Cell::new(0),
+        }
+    }
+}
+
+/// A sink whose descriptor looked like a regular file when the sink was made, and is a
+/// socket when the pages go: the pages of borrowed memory must still reach the peer as
+/// copies. (Before, the kind was decided once, so the pipes' references went into the
+/// socket and the peer read bytes written after the borrow ended.)
+#[test]
+fn a_sink_whose_descriptor_changes_kind_still_sends_copies() {
+    let dir = TempDir::new("promises-turncoat-sink");
+    let (mut rx, tx) = UnixStream::pair().unwrap();
+    let mut mem = patterned(PAGES, 13);
+    let before = mem.to_vec();
+    {
+        let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+        let mut pp = PagePipe::builder().iov_budget(4).build().unwrap();
+        pp.add_pages(BASE, PAGES as u64, BufFlags::empty()).unwrap();
+        let mut c = pp.capture(&source).unwrap();
+        if c.report().path != CapturePath::Vmsplice {
+            eprintln!("SKIPPED: vmsplice copies or is refused here; nothing to show");
+            return;
+        }
+        let mut sink = FdSink::new(Turncoat::new(&dir, tx.into()));
+        c.dump(&mut sink).unwrap();
+    }
+    mem.fill(0x3c);
+    assert!(
+        read_n(&mut rx, PAGES * ps()) == before,
+        "the peer read bytes written after the capture"
+    );
+}
+
+/// The same for served pages: `Served::splice_into` asked the descriptor's kind once and
+/// spliced into whatever it answered next.
+#[test]
+fn served_pages_into_a_descriptor_that_changes_kind_are_copies() {
+    let dir = TempDir::new("promises-turncoat-served");
+    let (mut rx, tx) = UnixStream::pair().unwrap();
+    let mut mem = patterned(PAGES, 14);
+    let before = mem.to_vec();
+    {
+        let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+        let mut pp = PagePipe::builder()
+            .iov_budget(4)
+            .lazy_pages(true)
+            .build()
+            .unwrap();
+        pp.add_pages(BASE, PAGES as u64, BufFlags::LAZY).unwrap();
+        let mut c = pp.capture(&source).unwrap();
+        if c.report().path != CapturePath::Vmsplice {
+            eprintln!("SKIPPED: vmsplice copies or is refused here; nothing to show");
+            return;
+        }
+        let mut dest = ServeDest::for_captured(&c).unwrap();
+        let mut s = c
+            .serve(&mut dest, BASE, PAGES as u64, BufFlags::LAZY)
+            .unwrap();
+        s.splice_into(Turncoat::new(&dir, tx.into())).unwrap();
+    }
+    mem.fill(0x3d);
+    // The descriptor is closed: the pages went to the peer or to the decoy file, whole,
+    // as they were at capture.
+    let mut got = Vec::new();
+    rx.read_to_end(&mut got).unwrap();
+    let decoy = std::fs::read(dir.path().join("decoy")).unwrap();
+    assert!(
+        got == before || (got.is_empty() && decoy == before),
+        "the peer read bytes written after the capture"
+    );
+}
