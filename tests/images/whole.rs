@@ -284,3 +284,36 @@ fn a_pages_file_truncated_while_open_is_an_error_not_a_crash() {
     img.read(BASE, &mut back[..16 * ps()]).unwrap();
     assert!(back[..16 * ps()].iter().all(|&b| b == 0xab));
 }
+
+/// One directory holds the images of several processes (the writer's docs say so, as
+/// CRIU's directories do): writing `pagemap-2.img` must not replace the pages file that
+/// `pagemap-1.img` reads, or image 1 silently reads image 2's bytes.
+#[test]
+fn a_second_image_in_a_directory_leaves_the_first_whole() {
+    let root = TempDir::new("two-ids");
+    let dir = root.path().join("img");
+    let first = patterned(4, 50);
+    write_full(&dir, &first);
+    let second = patterned(4, 51);
+    let r = ImageWriter::create(&dir, 2).and_then(|mut w| {
+        w.push_bytes(present(4), &second)?;
+        w.finish()
+    });
+    let mut back = vec![0u8; first.len()];
+    Image::open_id(&dir, 1)
+        .unwrap()
+        .read(BASE, &mut back)
+        .unwrap();
+    assert!(
+        back == first[..],
+        "image 1 reads other bytes after image 2 was written ({r:?})"
+    );
+    if r.is_ok() {
+        let mut back = vec![0u8; second.len()];
+        Image::open_id(&dir, 2)
+            .unwrap()
+            .read(BASE, &mut back)
+            .unwrap();
+        assert!(back == second[..], "image 2 reads other bytes");
+    }
+}

@@ -252,6 +252,17 @@ pub enum ImageError {
         /// Whether the page is in a lazy entry (else in no entry).
         lazy: bool,
     },
+    /// [`ImageWriter::finish`](super::ImageWriter::finish) would replace a pages file
+    /// that another pagemap image of the directory reads (two images given the same pages
+    /// id): that image would read the new pages as its own. Nothing was committed; give
+    /// each image of a directory its own pages id
+    /// ([`ImageWriter::create_with_pages_id`](super::ImageWriter::create_with_pages_id)).
+    PagesInUse {
+        /// The pages file.
+        path: PathBuf,
+        /// The other pagemap image that reads it.
+        by: PathBuf,
+    },
     /// Entries must be added in ascending, non-overlapping, aligned order.
     Order {
         /// The pagemap image being written.
@@ -331,6 +342,12 @@ impl fmt::Display for ImageError {
                 f,
                 "{}: {size} bytes is more than the {MAX_PAGEMAP_BYTES} a pagemap image may hold",
                 path.display()
+            ),
+            ImageError::PagesInUse { path, by } => write!(
+                f,
+                "{}: {} reads this pages file; an image with its own pages id cannot replace it",
+                path.display(),
+                by.display()
             ),
             ImageError::PagesSize {
                 path,
@@ -470,6 +487,10 @@ impl ImageError {
                 path: path.clone(),
                 needed: *needed,
                 actual: *actual,
+            },
+            ImageError::PagesInUse { path, by } => ImageError::PagesInUse {
+                path: path.clone(),
+                by: by.clone(),
             },
             ImageError::ShortRead { path, offset } => ImageError::ShortRead {
                 path: path.clone(),

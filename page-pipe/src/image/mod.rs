@@ -24,7 +24,9 @@
 //!   [`ImageWriter::finish`] succeeds, after the pages file and the `parent` link are in
 //!   place, and by default after the data and the directory were synced
 //!   ([`ImageWriter::with_sync`] turns syncing off). A full image removes an old `parent`
-//!   link; an incremental one replaces it. A writer that met an error refuses to finish
+//!   link; an incremental one replaces it. A pages file that another pagemap of the
+//!   directory reads is never replaced ([`ImageError::PagesInUse`]): images that share a
+//!   directory need their own pages ids. A writer that met an error refuses to finish
 //!   with that first error, and commits nothing; a writer dropped without `finish`
 //!   removes its temporary files.
 //! - It writes each entry's page count in both `compat_nr_pages` (field 2, which older
