@@ -317,3 +317,59 @@ fn a_second_image_in_a_directory_leaves_the_first_whole() {
         assert!(back == second[..], "image 2 reads other bytes");
     }
 }
+
+/// A reader opening an image while another process commits a new one over it gets the
+/// old image or the new one, never the old pagemap with the new pages file. The two
+/// images here hold their pages at different addresses but the same number of them, so
+/// the pages file's size cannot tell them apart.
+#[test]
+fn an_image_opened_during_a_commit_is_never_torn() {
+    let root = TempDir::new("torn");
+    let dir = root.path().join("img");
+    let ps = ps();
+    let layouts = [(BASE, 0xa1u8), (BASE + 8 * ps as u64, 0xb2u8)];
+    let write = |(vaddr, byte): (u64, u8)| {
+        let mut w = ImageWriter::create(&dir, 1).unwrap().with_sync(false);
+        let e = PagemapEntry {
+            vaddr,
+            pages: 2,
+            flags: PageFlags::PRESENT,
+        };
+        w.push_bytes(e, &vec![byte; 2 * ps]).unwrap();
+        w.finish().unwrap();
+    };
+    write(layouts[0]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (mut opened, mut torn) = (0u64, 0u64);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                write(layouts[i % 2]);
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+        });
+        let start = std::time::Instant::now();
+        let mut back = vec![0u8; 2 * ps];
+        while start.elapsed() < std::time::Duration::from_secs(2) {
+            // Between the commits' steps there may be no image at all: that is allowed.
+            let Ok(img) = Image::open(&dir) else { continue };
+            let e = img.entries()[0];
+            if img.read(e.vaddr, &mut back).is_err() {
+                continue;
+            }
+            opened += 1;
+            let want = layouts.iter().find(|l| l.0 == e.vaddr).unwrap().1;
+            if back.iter().any(|&b| b != want) {
+                torn += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert!(opened > 0, "no image could be opened while commits ran");
+    assert_eq!(
+        torn, 0,
+        "{torn} of {opened} opens paired a pagemap with another pages file"
+    );
+}

@@ -234,6 +234,14 @@ pub enum ImageError {
         /// The directory met again (or the deepest one).
         dir: PathBuf,
     },
+    /// The image was replaced while it was being opened, every time it was tried
+    /// ([`Image::open`](super::Image::open) tries a few times): the pagemap read was no
+    /// longer under its name once the pages file and the parent link were opened, so
+    /// they might belong to the image that replaced it.
+    Replaced {
+        /// The pagemap image.
+        path: PathBuf,
+    },
     /// A `PARENT` page is in no entry of the parent.
     NotInParent {
         /// The parent's pagemap image.
@@ -374,6 +382,11 @@ impl fmt::Display for ImageError {
                     None => f.write_str(" (no parent link)"),
                 }
             }
+            ImageError::Replaced { path } => write!(
+                f,
+                "{}: replaced while it was being opened, each time it was tried",
+                path.display()
+            ),
             ImageError::ParentLoop { dir } => write!(
                 f,
                 "{}: the parent chain loops or is deeper than {MAX_PARENT_DEPTH}",
@@ -502,6 +515,7 @@ impl ImageError {
                 link: link.as_ref().map(io),
             },
             ImageError::ParentLoop { dir } => ImageError::ParentLoop { dir: dir.clone() },
+            ImageError::Replaced { path } => ImageError::Replaced { path: path.clone() },
             ImageError::NotInParent { path, vaddr } => ImageError::NotInParent {
                 path: path.clone(),
                 vaddr: *vaddr,
