@@ -19,7 +19,8 @@
 //!   the reader has read. A regular file copies what it is given into its page cache, a
 //!   [`CallbackSink`] gets the bytes, an [`ImageWriter`] writes files.
 //! - A dump runs once. When a sink fails part way, [`DumpError`] says what was done; the
-//!   pipe it was reading from is then lost: its pages are not served again. An image sink
+//!   pipe it was reading from is then lost: its pages are not served again. So is the
+//!   pipe of a sink that panicked (a callback's panic, caught by the caller). An image sink
 //!   that failed refuses to finish and commits nothing.
 //!
 //! [`Drain::Memory`]: crate::snapshot::Drain::Memory
@@ -528,6 +529,10 @@ impl<M: Mode, I: IovStore> Captured<'_, M, I> {
                     slot,
                     pos,
                 } => {
+                    // Until the sink returns, the pipe's front is unknown: a sink that
+                    // panics (a caller's callback) unwinds past the books below, and the
+                    // pipe must then serve nothing more.
+                    pp.lose(slot);
                     let r = discard_to(pp, devnull, slot, pos).and_then(|()| {
                         let len = (entry.pages * ps) as usize;
                         let pinned = pp.buf_info(buf).pinned;
@@ -535,10 +540,10 @@ impl<M: Mode, I: IovStore> Captured<'_, M, I> {
                         sink.present(entry, pipe, len, pinned)
                     });
                     if let Err(kind) = r {
-                        pp.lose(slot);
                         return Err(DumpError { kind, done });
                     }
                     pp.consume(slot, entry.pages);
+                    pp.regain(slot);
                     entry
                 }
             };

@@ -501,3 +501,37 @@ fn served_pages_into_a_descriptor_that_changes_kind_are_copies() {
         "the peer read bytes written after the capture"
     );
 }
+
+/// A callback that panics after its sink took an entry's pages, the panic caught: the
+/// pipe's front moved without the books knowing, so serving from it must be an error,
+/// not the next entry's bytes under this entry's address.
+#[test]
+fn serving_after_a_panicking_callback_is_an_error_not_wrong_bytes() {
+    let mem = patterned(16, 15);
+    let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+    let mut pp = PagePipe::builder().iov_budget(16).build().unwrap();
+    // Two runs of one buf, in one pipe.
+    pp.add_pages(at(0), 4, BufFlags::empty()).unwrap();
+    pp.add_pages(at(6), 4, BufFlags::empty()).unwrap();
+    let mut c = pp.capture(&source).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut sink = CallbackSink::new(|_: &PagemapEntry, _: &[u8]| -> std::io::Result<()> {
+            panic!("a bug in the caller's callback")
+        });
+        let _ = c.dump(&mut sink);
+    }));
+    assert!(caught.is_err());
+    let mut dest = ServeDest::for_captured(&c).unwrap();
+    match c.serve(&mut dest, at(0), 4, BufFlags::empty()) {
+        Err(_) => {}
+        Ok(mut s) => {
+            let mut got = vec![0u8; s.bytes_left()];
+            s.read_into(&mut got).unwrap();
+            assert!(
+                got[..] == mem[..got.len()],
+                "served other bytes than page {:#x}'s",
+                at(0)
+            );
+        }
+    }
+}
