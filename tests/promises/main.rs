@@ -535,3 +535,144 @@ fn serving_after_a_panicking_callback_is_an_error_not_wrong_bytes() {
         }
     }
 }
+
+/// Threads of this process (entries of `/proc/self/task`).
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// Error paths close what they opened and join what they started: bad images (a FIFO, a
+/// link, a short pages file, a missing parent), failed writers, failed dumps into a
+/// closed socket in both drains and both modes, serving errors, a refused destination,
+/// a page server nobody listens on, a restore whose pages file was cut short under its
+/// threads. Each runs a few times, so a leak of one descriptor a run shows.
+#[test]
+fn error_paths_leak_no_descriptors_or_threads() {
+    use page_pipe::image::{Image, PageFlags, RestoreOptions};
+    if !page_pipe_tests::alone("error_paths_leak_no_descriptors_or_threads") {
+        return;
+    }
+    let root = TempDir::new("promises-leaks");
+    let ps = ps();
+    let mem = patterned(64, 16);
+    // A good image, then bad copies of it.
+    let good = root.path().join("good");
+    let mut w = ImageWriter::create(&good, 1).unwrap().with_sync(false);
+    let e = PagemapEntry {
+        vaddr: BASE,
+        pages: 64,
+        flags: PageFlags::PRESENT,
+    };
+    w.push_bytes(e, &mem).unwrap();
+    w.finish().unwrap();
+    let bad = |name: &str, f: &dyn Fn(&std::path::Path)| {
+        let d = root.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for n in ["pagemap-1.img", "pages-1.img"] {
+            std::fs::copy(good.join(n), d.join(n)).unwrap();
+        }
+        f(&d);
+        d
+    };
+    let fifo = bad("fifo", &|d| {
+        std::fs::remove_file(d.join("pagemap-1.img")).unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            d.join("pagemap-1.img"),
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+    });
+    let link = bad("link", &|d| {
+        std::fs::remove_file(d.join("pages-1.img")).unwrap();
+        std::os::unix::fs::symlink(good.join("pages-1.img"), d.join("pages-1.img")).unwrap();
+    });
+    let short = bad("short", &|d| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("pages-1.img"))
+            .unwrap();
+        f.set_len(3 * ps as u64).unwrap();
+    });
+    let orphan = root.path().join("orphan");
+    let mut w = ImageWriter::create(&orphan, 1).unwrap();
+    w.push(PagemapEntry {
+        flags: PageFlags::PARENT,
+        ..e
+    })
+    .unwrap();
+    w.finish().unwrap();
+    let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+    let plan = [Span::Pages {
+        addr: BASE,
+        pages: 64,
+        flags: BufFlags::empty(),
+    }];
+
+    let round = || {
+        for d in [&fifo, &link, &short, &orphan] {
+            assert!(Image::open(d).is_err(), "{}", d.display());
+            assert!(Image::open_id(d, 1).is_err(), "{}", d.display());
+        }
+        // A writer that fails, finished and dropped.
+        let mut w = ImageWriter::create(root.path().join("failed"), 1).unwrap();
+        let _ = w.push(PagemapEntry { pages: 0, ..e });
+        assert!(w.finish().is_err());
+        // Dumps into a socket whose reader is gone, every drain, both modes.
+        for drain in [Drain::Pipes, Drain::Memory] {
+            for chunk_mode in [false, true] {
+                let (rx, tx) = UnixStream::pair().unwrap();
+                drop(rx);
+                let opts = SnapshotOptions {
+                    drain,
+                    chunk_mode,
+                    ..SnapshotOptions::default()
+                };
+                assert!(snapshot(&source, plan, &mut FdSink::new(&tx), &opts).is_err());
+            }
+        }
+        // Serving errors, and a destination the kernel cannot grant.
+        let mut pp = PagePipe::builder().iov_budget(4).build().unwrap();
+        pp.add_pages(BASE, 8, BufFlags::empty()).unwrap();
+        let mut c = pp.capture(&source).unwrap();
+        let _ = c.dump(&mut CallbackSink::new(|_: &PagemapEntry, _: &[u8]| {
+            Err(std::io::Error::other("refused"))
+        }));
+        let mut dest = ServeDest::for_captured(&c).unwrap();
+        assert!(c.serve(&mut dest, BASE, 1, BufFlags::empty()).is_err());
+        assert!(ServeDest::with_pages(u64::MAX / 2).is_err());
+        drop((c, dest));
+        // Nobody listens there.
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        assert!(page_pipe::page_server::PageServerClient::connect(addr, 1).is_err());
+        // A restore on several threads whose pages file is cut short after the open.
+        let cut = root.path().join("cut");
+        let _ = std::fs::remove_dir_all(&cut);
+        std::fs::create_dir(&cut).unwrap();
+        for n in ["pagemap-1.img", "pages-1.img"] {
+            std::fs::copy(good.join(n), cut.join(n)).unwrap();
+        }
+        let img = Image::open(&cut).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(cut.join("pages-1.img"))
+            .unwrap()
+            .set_len(ps as u64)
+            .unwrap();
+        let mut back = vec![0u8; 64 * ps];
+        let opts = RestoreOptions {
+            threads: std::num::NonZeroUsize::new(2),
+            ..RestoreOptions::default()
+        };
+        assert!(img.restore(BASE, &mut back, &opts).is_err());
+    };
+    round();
+    let (fds, tasks) = (page_pipe_tests::open_fds(), threads());
+    for _ in 0..3 {
+        round();
+    }
+    assert_eq!(page_pipe_tests::open_fds(), fds, "descriptors leaked");
+    assert_eq!(threads(), tasks, "threads left running");
+}
