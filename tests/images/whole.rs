@@ -373,3 +373,37 @@ fn an_image_opened_during_a_commit_is_never_torn() {
         "{torn} of {opened} opens paired a pagemap with another pages file"
     );
 }
+
+/// A directory (not a link) planted at `parent`: the writer cannot replace or remove it,
+/// and must find out before it takes the old image apart, so that a failed `finish`
+/// leaves the old image whole.
+#[test]
+fn a_planted_parent_directory_fails_the_commit_before_the_old_image_goes() {
+    let root = TempDir::new("planted-parent");
+    let dir = root.path().join("img");
+    let old = patterned(4, 52);
+    write_full(&dir, &old);
+    std::fs::create_dir(dir.join("parent")).unwrap();
+    std::fs::write(dir.join("parent").join("keep"), b"x").unwrap();
+    let files = |d: &Path| ["pagemap-1.img", "pages-1.img"].map(|n| std::fs::read(d.join(n)).ok());
+    let before = files(&dir);
+    let new = patterned(4, 53);
+    let parent_dir = root.path().join("base");
+    write_full(&parent_dir, &new);
+    for incremental in [false, true] {
+        let mut w = ImageWriter::create(&dir, 1).unwrap();
+        if incremental {
+            w = w.with_parent(&parent_dir).unwrap();
+        }
+        w.push_bytes(present(4), &new).unwrap();
+        match w.finish() {
+            // (The reader follows the planted directory as the parent, so the images are
+            // compared by their files.)
+            Ok(_) => assert!(
+                files(&dir) == files(&parent_dir),
+                "incremental {incremental}"
+            ),
+            Err(e) => assert!(files(&dir) == before, "incremental {incremental}: {e}"),
+        }
+    }
+}

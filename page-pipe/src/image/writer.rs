@@ -676,6 +676,7 @@ impl ImageWriter {
                 .map_err(io_err(&self.pagemap_path, FileOp::Sync))?;
         }
         self.check_pages_unshared()?;
+        self.check_parent_replaceable()?;
         remove_if_there(&self.pagemap_path)
             .map_err(io_err(&self.pagemap_path, FileOp::RemoveOldPagemap))?;
         let tmp = self.pages_tmp.as_ref().expect("renamed only here");
@@ -736,6 +737,22 @@ impl ImageWriter {
             }
         }
         Ok(())
+    }
+
+    /// Fails, before anything of the old image is touched, when the `parent` step of the
+    /// commit would fail: a directory (not a link) at `parent` can be neither removed nor
+    /// replaced (`EISDIR`), and the old pagemap would be gone by then.
+    fn check_parent_replaceable(&self) -> Result<(), ImageError> {
+        let link = self.dir.join("parent");
+        if !std::fs::symlink_metadata(&link).is_ok_and(|m| m.is_dir()) {
+            return Ok(());
+        }
+        let op = match self.parent_tmp {
+            Some(_) => FileOp::Commit,
+            None => FileOp::RemoveOldLink,
+        };
+        let eisdir = io::Error::from_raw_os_error(rustix::io::Errno::ISDIR.raw_os_error());
+        Err(io_err(&link, op)(eisdir))
     }
 
     /// What has been written so far (entries still pending are not counted).
