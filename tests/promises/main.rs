@@ -676,3 +676,53 @@ fn error_paths_leak_no_descriptors_or_threads() {
     assert_eq!(page_pipe_tests::open_fds(), fds, "descriptors leaked");
     assert_eq!(threads(), tasks, "threads left running");
 }
+
+/// "Nobody can write it any more" holds for owned anonymous memory even when a child
+/// forked before the source took it still maps the same pages copy-on-write: the child's
+/// writes, after the parent captured (by reference, with the gift) and unmapped, copy the
+/// pages instead of writing into the ones the socket references. (Kernels before 5.8
+/// could reuse a page mapped once for the writer in place; sealing relies on this.)
+#[test]
+fn a_forked_child_writing_its_copy_does_not_change_sealed_pages() {
+    let mut m = MmapOptions::new().len(PAGES * ps()).map_anon().unwrap();
+    fill_pattern(&mut m, 17);
+    let before = m.to_vec();
+    let (go_r, go_w) = UnixStream::pair().unwrap();
+    let ptr = m.as_mut_ptr();
+    // SAFETY: the child only reads one byte from a socket, writes its own copy-on-write
+    // view of `m` through `ptr` (valid for `PAGES * ps()` bytes) and exits; it touches no
+    // lock or allocator another thread of the parent could hold.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork failed");
+    if child == 0 {
+        use std::os::fd::AsRawFd;
+        let mut b = 0u8;
+        // SAFETY: as above; `go_r` is open in the child, `b` is one byte.
+        unsafe {
+            libc::read(go_r.as_raw_fd(), (&raw mut b).cast(), 1);
+            std::ptr::write_bytes(ptr, 0x77, PAGES * ps());
+            libc::_exit(0);
+        }
+    }
+    let (mut rx, tx) = UnixStream::pair().unwrap();
+    {
+        let source = Source::new()
+            .with_mmap(BASE, m.make_read_only().unwrap())
+            .unwrap();
+        assert!(source.is_sealed());
+        let mut pp = PagePipe::builder().iov_budget(4).build().unwrap();
+        pp.add_pages(BASE, PAGES as u64, BufFlags::empty()).unwrap();
+        let mut c = pp.capture(&source).unwrap();
+        c.dump(&mut FdSink::new(&tx)).unwrap();
+    }
+    // The parent's mapping is gone; the child writes its view of the pages.
+    std::io::Write::write_all(&mut &go_w, b"g").unwrap();
+    let mut status = 0;
+    // SAFETY: `child` is our child's pid; `status` is a valid int.
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    assert!(
+        read_n(&mut rx, PAGES * ps()) == before,
+        "the child's writes showed in the sealed pages"
+    );
+}
