@@ -19,14 +19,15 @@
 //!   the reader has read. A regular file copies what it is given into its page cache, a
 //!   [`CallbackSink`] gets the bytes, an [`ImageWriter`] writes files.
 //! - A dump runs once. When a sink fails part way, [`DumpError`] says what was done; the
-//!   pipe it was reading from is then lost: its pages are not served again. An image sink
+//!   pipe it was reading from is then lost: its pages are not served again. So is the
+//!   pipe of a sink that panicked (a callback's panic, caught by the caller). An image sink
 //!   that failed refuses to finish and commits nothing.
 //!
 //! [`Drain::Memory`]: crate::snapshot::Drain::Memory
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use page_pipe_sys::{FdKind, SpliceFlags, splice_exact, write_exact};
 
@@ -220,6 +221,10 @@ const IMAGE_PREFERS_MEMORY: bool = true;
 #[derive(Debug)]
 pub struct FdSink<F: AsFd> {
     fd: F,
+    /// The descriptor `fd` gave when asked last, and its kind: `AsFd` may answer with
+    /// another descriptor next time, so each transfer asks again and checks the kind of
+    /// what it got (a descriptor's kind never changes while its owner keeps it open).
+    raw: RawFd,
     kind: FdKind,
     zero_copy: bool,
     entries: Vec<PagemapEntry>,
@@ -232,9 +237,11 @@ const BOUNCE: usize = 1 << 20;
 impl<F: AsFd> FdSink<F> {
     /// A sink writing pages to `fd` (at its file position, if it is a file).
     pub fn new(fd: F) -> Self {
-        let kind = page_pipe_sys::fd_kind(fd.as_fd());
+        let borrowed = fd.as_fd();
+        let (raw, kind) = (borrowed.as_raw_fd(), page_pipe_sys::fd_kind(borrowed));
         Self {
             fd,
+            raw,
             kind,
             zero_copy: false,
             entries: Vec::new(),
@@ -282,6 +289,16 @@ impl<F: AsFd> FdSink<F> {
         }
         self.entries.push(e);
     }
+
+    /// The descriptor to write to now, and its kind.
+    fn target(&mut self) -> (BorrowedFd<'_>, FdKind) {
+        let fd = self.fd.as_fd();
+        if fd.as_raw_fd() != self.raw {
+            self.raw = fd.as_raw_fd();
+            self.kind = page_pipe_sys::fd_kind(fd);
+        }
+        (fd, self.kind)
+    }
 }
 
 impl<F: AsFd> sealed::Sealed for FdSink<F> {}
@@ -294,20 +311,27 @@ impl<F: AsFd> DumpSink for FdSink<F> {
         pinned: bool,
     ) -> Result<(), DumpErrorKind> {
         let fail = |error| DumpErrorKind::Sink { entry: e, error };
-        if pinned && !self.zero_copy && self.kind != FdKind::File {
+        let zero_copy = self.zero_copy;
+        let mut buf = std::mem::take(&mut self.buf);
+        // The kind of the very descriptor the pages go to decides how they go.
+        let (fd, kind) = self.target();
+        let r = if pinned && !zero_copy && kind != FdKind::File {
             // Copies: read the pages out of the pipe and write them.
-            self.buf.resize(len.min(BOUNCE), 0);
+            buf.resize(len.min(BOUNCE), 0);
             let mut left = len;
-            while left > 0 {
+            let mut r = Ok(());
+            while left > 0 && r.is_ok() {
                 let n = left.min(BOUNCE);
-                page_pipe_sys::read_exact(pipe, &mut self.buf[..n]).map_err(|p| fail(p.into()))?;
-                write_exact(self.fd.as_fd(), &self.buf[..n]).map_err(|p| fail(p.into()))?;
+                r = page_pipe_sys::read_exact(pipe, &mut buf[..n])
+                    .and_then(|()| write_exact(fd, &buf[..n]));
                 left -= n;
             }
+            r
         } else {
-            splice_exact(pipe, None, self.fd.as_fd(), None, len, SpliceFlags::empty())
-                .map_err(|p| fail(p.into()))?;
-        }
+            splice_exact(pipe, None, fd, None, len, SpliceFlags::empty())
+        };
+        self.buf = buf;
+        r.map_err(|p| fail(p.into()))?;
         self.record(e);
         Ok(())
     }
@@ -505,6 +529,10 @@ impl<M: Mode, I: IovStore> Captured<'_, M, I> {
                     slot,
                     pos,
                 } => {
+                    // Until the sink returns, the pipe's front is unknown: a sink that
+                    // panics (a caller's callback) unwinds past the books below, and the
+                    // pipe must then serve nothing more.
+                    pp.lose(slot);
                     let r = discard_to(pp, devnull, slot, pos).and_then(|()| {
                         let len = (entry.pages * ps) as usize;
                         let pinned = pp.buf_info(buf).pinned;
@@ -512,10 +540,10 @@ impl<M: Mode, I: IovStore> Captured<'_, M, I> {
                         sink.present(entry, pipe, len, pinned)
                     });
                     if let Err(kind) = r {
-                        pp.lose(slot);
                         return Err(DumpError { kind, done });
                     }
                     pp.consume(slot, entry.pages);
+                    pp.regain(slot);
                     entry
                 }
             };

@@ -356,7 +356,10 @@ impl Served<'_> {
     /// # Errors
     /// The error of `splice`, `read` or `write`.
     pub fn splice_into(&mut self, fd: impl AsFd) -> io::Result<()> {
-        let kind = page_pipe_sys::fd_kind(fd.as_fd());
+        // Asked once: `AsFd` may answer with another descriptor next time, and the kind
+        // checked must be that of the descriptor the pages go to.
+        let fd = fd.as_fd();
+        let kind = page_pipe_sys::fd_kind(fd);
         if self.dest.pinned && kind != FdKind::File {
             let mut buf = vec![0u8; self.dest.pending.min(1 << 20)];
             while self.dest.pending > 0 {
@@ -368,7 +371,7 @@ impl Served<'_> {
                 };
                 self.dest.pending -= got;
                 r?;
-                page_pipe_sys::write_exact(fd.as_fd(), &buf[..n])?;
+                page_pipe_sys::write_exact(fd, &buf[..n])?;
             }
             return Ok(());
         }

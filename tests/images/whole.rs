@@ -284,3 +284,126 @@ fn a_pages_file_truncated_while_open_is_an_error_not_a_crash() {
     img.read(BASE, &mut back[..16 * ps()]).unwrap();
     assert!(back[..16 * ps()].iter().all(|&b| b == 0xab));
 }
+
+/// One directory holds the images of several processes (the writer's docs say so, as
+/// CRIU's directories do): writing `pagemap-2.img` must not replace the pages file that
+/// `pagemap-1.img` reads, or image 1 silently reads image 2's bytes.
+#[test]
+fn a_second_image_in_a_directory_leaves_the_first_whole() {
+    let root = TempDir::new("two-ids");
+    let dir = root.path().join("img");
+    let first = patterned(4, 50);
+    write_full(&dir, &first);
+    let second = patterned(4, 51);
+    let r = ImageWriter::create(&dir, 2).and_then(|mut w| {
+        w.push_bytes(present(4), &second)?;
+        w.finish()
+    });
+    let mut back = vec![0u8; first.len()];
+    Image::open_id(&dir, 1)
+        .unwrap()
+        .read(BASE, &mut back)
+        .unwrap();
+    assert!(
+        back == first[..],
+        "image 1 reads other bytes after image 2 was written ({r:?})"
+    );
+    if r.is_ok() {
+        let mut back = vec![0u8; second.len()];
+        Image::open_id(&dir, 2)
+            .unwrap()
+            .read(BASE, &mut back)
+            .unwrap();
+        assert!(back == second[..], "image 2 reads other bytes");
+    }
+}
+
+/// A reader opening an image while another process commits a new one over it gets the
+/// old image or the new one, never the old pagemap with the new pages file. The two
+/// images here hold their pages at different addresses but the same number of them, so
+/// the pages file's size cannot tell them apart.
+#[test]
+fn an_image_opened_during_a_commit_is_never_torn() {
+    let root = TempDir::new("torn");
+    let dir = root.path().join("img");
+    let ps = ps();
+    let layouts = [(BASE, 0xa1u8), (BASE + 8 * ps as u64, 0xb2u8)];
+    let write = |(vaddr, byte): (u64, u8)| {
+        let mut w = ImageWriter::create(&dir, 1).unwrap().with_sync(false);
+        let e = PagemapEntry {
+            vaddr,
+            pages: 2,
+            flags: PageFlags::PRESENT,
+        };
+        w.push_bytes(e, &vec![byte; 2 * ps]).unwrap();
+        w.finish().unwrap();
+    };
+    write(layouts[0]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (mut opened, mut torn) = (0u64, 0u64);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                write(layouts[i % 2]);
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+        });
+        let start = std::time::Instant::now();
+        let mut back = vec![0u8; 2 * ps];
+        while start.elapsed() < std::time::Duration::from_secs(2) {
+            // Between the commits' steps there may be no image at all: that is allowed.
+            let Ok(img) = Image::open(&dir) else { continue };
+            let e = img.entries()[0];
+            if img.read(e.vaddr, &mut back).is_err() {
+                continue;
+            }
+            opened += 1;
+            let want = layouts.iter().find(|l| l.0 == e.vaddr).unwrap().1;
+            if back.iter().any(|&b| b != want) {
+                torn += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert!(opened > 0, "no image could be opened while commits ran");
+    assert_eq!(
+        torn, 0,
+        "{torn} of {opened} opens paired a pagemap with another pages file"
+    );
+}
+
+/// A directory (not a link) planted at `parent`: the writer cannot replace or remove it,
+/// and must find out before it takes the old image apart, so that a failed `finish`
+/// leaves the old image whole.
+#[test]
+fn a_planted_parent_directory_fails_the_commit_before_the_old_image_goes() {
+    let root = TempDir::new("planted-parent");
+    let dir = root.path().join("img");
+    let old = patterned(4, 52);
+    write_full(&dir, &old);
+    std::fs::create_dir(dir.join("parent")).unwrap();
+    std::fs::write(dir.join("parent").join("keep"), b"x").unwrap();
+    let files = |d: &Path| ["pagemap-1.img", "pages-1.img"].map(|n| std::fs::read(d.join(n)).ok());
+    let before = files(&dir);
+    let new = patterned(4, 53);
+    let parent_dir = root.path().join("base");
+    write_full(&parent_dir, &new);
+    for incremental in [false, true] {
+        let mut w = ImageWriter::create(&dir, 1).unwrap();
+        if incremental {
+            w = w.with_parent(&parent_dir).unwrap();
+        }
+        w.push_bytes(present(4), &new).unwrap();
+        match w.finish() {
+            // (The reader follows the planted directory as the parent, so the images are
+            // compared by their files.)
+            Ok(_) => assert!(
+                files(&dir) == files(&parent_dir),
+                "incremental {incremental}"
+            ),
+            Err(e) => assert!(files(&dir) == before, "incremental {incremental}: {e}"),
+        }
+    }
+}

@@ -401,3 +401,328 @@ fn volatile_memory_is_copied_and_never_lent_out() {
     drop(source);
     drop(mem);
 }
+
+/// An `AsFd` that answers with a regular file the first time it is asked and with a
+/// socket afterwards: safe code, and nothing in `AsFd`'s contract says the answer stays
+/// the same.
+struct Turncoat {
+    file: std::fs::File,
+    sock: OwnedFd,
+    asked: std::cell::Cell<u32>,
+}
+
+impl std::os::fd::AsFd for Turncoat {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        let n = self.asked.get();
+        self.asked.set(n + 1);
+        if n == 0 {
+            self.file.as_fd()
+        } else {
+            self.sock.as_fd()
+        }
+    }
+}
+
+impl Turncoat {
+    fn new(dir: &TempDir, sock: OwnedFd) -> Self {
+        let file = std::fs::File::create(dir.path().join("decoy")).unwrap();
+        Self {
+            file,
+            sock,
+            asked: std::cell::Cell::new(0),
+        }
+    }
+}
+
+/// A sink whose descriptor looked like a regular file when the sink was made, and is a
+/// socket when the pages go: the pages of borrowed memory must still reach the peer as
+/// copies. (Before, the kind was decided once, so the pipes' references went into the
+/// socket and the peer read bytes written after the borrow ended.)
+#[test]
+fn a_sink_whose_descriptor_changes_kind_still_sends_copies() {
+    let dir = TempDir::new("promises-turncoat-sink");
+    let (mut rx, tx) = UnixStream::pair().unwrap();
+    let mut mem = patterned(PAGES, 13);
+    let before = mem.to_vec();
+    {
+        let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+        let mut pp = PagePipe::builder().iov_budget(4).build().unwrap();
+        pp.add_pages(BASE, PAGES as u64, BufFlags::empty()).unwrap();
+        let mut c = pp.capture(&source).unwrap();
+        if c.report().path != CapturePath::Vmsplice {
+            eprintln!("SKIPPED: vmsplice copies or is refused here; nothing to show");
+            return;
+        }
+        let mut sink = FdSink::new(Turncoat::new(&dir, tx.into()));
+        c.dump(&mut sink).unwrap();
+    }
+    mem.fill(0x3c);
+    assert!(
+        read_n(&mut rx, PAGES * ps()) == before,
+        "the peer read bytes written after the capture"
+    );
+}
+
+/// The same for served pages: `Served::splice_into` asked the descriptor's kind once and
+/// spliced into whatever it answered next.
+#[test]
+fn served_pages_into_a_descriptor_that_changes_kind_are_copies() {
+    let dir = TempDir::new("promises-turncoat-served");
+    let (mut rx, tx) = UnixStream::pair().unwrap();
+    let mut mem = patterned(PAGES, 14);
+    let before = mem.to_vec();
+    {
+        let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+        let mut pp = PagePipe::builder()
+            .iov_budget(4)
+            .lazy_pages(true)
+            .build()
+            .unwrap();
+        pp.add_pages(BASE, PAGES as u64, BufFlags::LAZY).unwrap();
+        let mut c = pp.capture(&source).unwrap();
+        if c.report().path != CapturePath::Vmsplice {
+            eprintln!("SKIPPED: vmsplice copies or is refused here; nothing to show");
+            return;
+        }
+        let mut dest = ServeDest::for_captured(&c).unwrap();
+        let mut s = c
+            .serve(&mut dest, BASE, PAGES as u64, BufFlags::LAZY)
+            .unwrap();
+        s.splice_into(Turncoat::new(&dir, tx.into())).unwrap();
+    }
+    mem.fill(0x3d);
+    // The descriptor is closed: the pages went to the peer or to the decoy file, whole,
+    // as they were at capture.
+    let mut got = Vec::new();
+    rx.read_to_end(&mut got).unwrap();
+    let decoy = std::fs::read(dir.path().join("decoy")).unwrap();
+    assert!(
+        got == before || (got.is_empty() && decoy == before),
+        "the peer read bytes written after the capture"
+    );
+}
+
+/// A callback that panics after its sink took an entry's pages, the panic caught: the
+/// pipe's front moved without the books knowing, so serving from it must be an error,
+/// not the next entry's bytes under this entry's address.
+#[test]
+fn serving_after_a_panicking_callback_is_an_error_not_wrong_bytes() {
+    let mem = patterned(16, 15);
+    let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+    let mut pp = PagePipe::builder().iov_budget(16).build().unwrap();
+    // Two runs of one buf, in one pipe.
+    pp.add_pages(at(0), 4, BufFlags::empty()).unwrap();
+    pp.add_pages(at(6), 4, BufFlags::empty()).unwrap();
+    let mut c = pp.capture(&source).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut sink = CallbackSink::new(|_: &PagemapEntry, _: &[u8]| -> std::io::Result<()> {
+            panic!("a bug in the caller's callback")
+        });
+        let _ = c.dump(&mut sink);
+    }));
+    assert!(caught.is_err());
+    let mut dest = ServeDest::for_captured(&c).unwrap();
+    match c.serve(&mut dest, at(0), 4, BufFlags::empty()) {
+        Err(_) => {}
+        Ok(mut s) => {
+            let mut got = vec![0u8; s.bytes_left()];
+            s.read_into(&mut got).unwrap();
+            assert!(
+                got[..] == mem[..got.len()],
+                "served other bytes than page {:#x}'s",
+                at(0)
+            );
+        }
+    }
+}
+
+/// Threads of this process (entries of `/proc/self/task`).
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// Error paths close what they opened and join what they started: bad images (a FIFO, a
+/// link, a short pages file, a missing parent), failed writers, failed dumps into a
+/// closed socket in both drains and both modes, serving errors, a refused destination,
+/// a page server nobody listens on, a restore whose pages file was cut short under its
+/// threads. Each runs a few times, so a leak of one descriptor a run shows.
+#[test]
+fn error_paths_leak_no_descriptors_or_threads() {
+    use page_pipe::image::{Image, PageFlags, RestoreOptions};
+    if !page_pipe_tests::alone("error_paths_leak_no_descriptors_or_threads") {
+        return;
+    }
+    let root = TempDir::new("promises-leaks");
+    let ps = ps();
+    let mem = patterned(64, 16);
+    // A good image, then bad copies of it.
+    let good = root.path().join("good");
+    let mut w = ImageWriter::create(&good, 1).unwrap().with_sync(false);
+    let e = PagemapEntry {
+        vaddr: BASE,
+        pages: 64,
+        flags: PageFlags::PRESENT,
+    };
+    w.push_bytes(e, &mem).unwrap();
+    w.finish().unwrap();
+    let bad = |name: &str, f: &dyn Fn(&std::path::Path)| {
+        let d = root.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for n in ["pagemap-1.img", "pages-1.img"] {
+            std::fs::copy(good.join(n), d.join(n)).unwrap();
+        }
+        f(&d);
+        d
+    };
+    let fifo = bad("fifo", &|d| {
+        std::fs::remove_file(d.join("pagemap-1.img")).unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            d.join("pagemap-1.img"),
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+    });
+    let link = bad("link", &|d| {
+        std::fs::remove_file(d.join("pages-1.img")).unwrap();
+        std::os::unix::fs::symlink(good.join("pages-1.img"), d.join("pages-1.img")).unwrap();
+    });
+    let short = bad("short", &|d| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("pages-1.img"))
+            .unwrap();
+        f.set_len(3 * ps as u64).unwrap();
+    });
+    let orphan = root.path().join("orphan");
+    let mut w = ImageWriter::create(&orphan, 1).unwrap();
+    w.push(PagemapEntry {
+        flags: PageFlags::PARENT,
+        ..e
+    })
+    .unwrap();
+    w.finish().unwrap();
+    let source = Source::new().with_slice(BASE, &mem[..]).unwrap();
+    let plan = [Span::Pages {
+        addr: BASE,
+        pages: 64,
+        flags: BufFlags::empty(),
+    }];
+
+    let round = || {
+        for d in [&fifo, &link, &short, &orphan] {
+            assert!(Image::open(d).is_err(), "{}", d.display());
+            assert!(Image::open_id(d, 1).is_err(), "{}", d.display());
+        }
+        // A writer that fails, finished and dropped.
+        let mut w = ImageWriter::create(root.path().join("failed"), 1).unwrap();
+        let _ = w.push(PagemapEntry { pages: 0, ..e });
+        assert!(w.finish().is_err());
+        // Dumps into a socket whose reader is gone, every drain, both modes.
+        for drain in [Drain::Pipes, Drain::Memory] {
+            for chunk_mode in [false, true] {
+                let (rx, tx) = UnixStream::pair().unwrap();
+                drop(rx);
+                let opts = SnapshotOptions {
+                    drain,
+                    chunk_mode,
+                    ..SnapshotOptions::default()
+                };
+                assert!(snapshot(&source, plan, &mut FdSink::new(&tx), &opts).is_err());
+            }
+        }
+        // Serving errors, and a destination the kernel cannot grant.
+        let mut pp = PagePipe::builder().iov_budget(4).build().unwrap();
+        pp.add_pages(BASE, 8, BufFlags::empty()).unwrap();
+        let mut c = pp.capture(&source).unwrap();
+        let _ = c.dump(&mut CallbackSink::new(|_: &PagemapEntry, _: &[u8]| {
+            Err(std::io::Error::other("refused"))
+        }));
+        let mut dest = ServeDest::for_captured(&c).unwrap();
+        assert!(c.serve(&mut dest, BASE, 1, BufFlags::empty()).is_err());
+        assert!(ServeDest::with_pages(u64::MAX / 2).is_err());
+        drop((c, dest));
+        // Nobody listens there.
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        assert!(page_pipe::page_server::PageServerClient::connect(addr, 1).is_err());
+        // A restore on several threads whose pages file is cut short after the open.
+        let cut = root.path().join("cut");
+        let _ = std::fs::remove_dir_all(&cut);
+        std::fs::create_dir(&cut).unwrap();
+        for n in ["pagemap-1.img", "pages-1.img"] {
+            std::fs::copy(good.join(n), cut.join(n)).unwrap();
+        }
+        let img = Image::open(&cut).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(cut.join("pages-1.img"))
+            .unwrap()
+            .set_len(ps as u64)
+            .unwrap();
+        let mut back = vec![0u8; 64 * ps];
+        let opts = RestoreOptions {
+            threads: std::num::NonZeroUsize::new(2),
+            ..RestoreOptions::default()
+        };
+        assert!(img.restore(BASE, &mut back, &opts).is_err());
+    };
+    round();
+    let (fds, tasks) = (page_pipe_tests::open_fds(), threads());
+    for _ in 0..3 {
+        round();
+    }
+    assert_eq!(page_pipe_tests::open_fds(), fds, "descriptors leaked");
+    assert_eq!(threads(), tasks, "threads left running");
+}
+
+/// "Nobody can write it any more" holds for owned anonymous memory even when a child
+/// forked before the source took it still maps the same pages copy-on-write: the child's
+/// writes, after the parent captured (by reference, with the gift) and unmapped, copy the
+/// pages instead of writing into the ones the socket references. (Kernels before 5.8
+/// could reuse a page mapped once for the writer in place; sealing relies on this.)
+#[test]
+fn a_forked_child_writing_its_copy_does_not_change_sealed_pages() {
+    let mut m = MmapOptions::new().len(PAGES * ps()).map_anon().unwrap();
+    fill_pattern(&mut m, 17);
+    let before = m.to_vec();
+    let (go_r, go_w) = UnixStream::pair().unwrap();
+    let ptr = m.as_mut_ptr();
+    // SAFETY: the child only reads one byte from a socket, writes its own copy-on-write
+    // view of `m` through `ptr` (valid for `PAGES * ps()` bytes) and exits; it touches no
+    // lock or allocator another thread of the parent could hold.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork failed");
+    if child == 0 {
+        use std::os::fd::AsRawFd;
+        let mut b = 0u8;
+        // SAFETY: as above; `go_r` is open in the child, `b` is one byte.
+        unsafe {
+            libc::read(go_r.as_raw_fd(), (&raw mut b).cast(), 1);
+            std::ptr::write_bytes(ptr, 0x77, PAGES * ps());
+            libc::_exit(0);
+        }
+    }
+    let (mut rx, tx) = UnixStream::pair().unwrap();
+    {
+        let source = Source::new()
+            .with_mmap(BASE, m.make_read_only().unwrap())
+            .unwrap();
+        assert!(source.is_sealed());
+        let mut pp = PagePipe::builder().iov_budget(4).build().unwrap();
+        pp.add_pages(BASE, PAGES as u64, BufFlags::empty()).unwrap();
+        let mut c = pp.capture(&source).unwrap();
+        c.dump(&mut FdSink::new(&tx)).unwrap();
+    }
+    // The parent's mapping is gone; the child writes its view of the pages.
+    std::io::Write::write_all(&mut &go_w, b"g").unwrap();
+    let mut status = 0;
+    // SAFETY: `child` is our child's pid; `status` is a valid int.
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    assert!(
+        read_n(&mut rx, PAGES * ps()) == before,
+        "the child's writes showed in the sealed pages"
+    );
+}

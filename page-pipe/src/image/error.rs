@@ -234,6 +234,14 @@ pub enum ImageError {
         /// The directory met again (or the deepest one).
         dir: PathBuf,
     },
+    /// The image was replaced while it was being opened, every time it was tried
+    /// ([`Image::open`](super::Image::open) tries a few times): the pagemap read was no
+    /// longer under its name once the pages file and the parent link were opened, so
+    /// they might belong to the image that replaced it.
+    Replaced {
+        /// The pagemap image.
+        path: PathBuf,
+    },
     /// A `PARENT` page is in no entry of the parent.
     NotInParent {
         /// The parent's pagemap image.
@@ -251,6 +259,17 @@ pub enum ImageError {
         vaddr: u64,
         /// Whether the page is in a lazy entry (else in no entry).
         lazy: bool,
+    },
+    /// [`ImageWriter::finish`](super::ImageWriter::finish) would replace a pages file
+    /// that another pagemap image of the directory reads (two images given the same pages
+    /// id): that image would read the new pages as its own. Nothing was committed; give
+    /// each image of a directory its own pages id
+    /// ([`ImageWriter::create_with_pages_id`](super::ImageWriter::create_with_pages_id)).
+    PagesInUse {
+        /// The pages file.
+        path: PathBuf,
+        /// The other pagemap image that reads it.
+        by: PathBuf,
     },
     /// Entries must be added in ascending, non-overlapping, aligned order.
     Order {
@@ -332,6 +351,12 @@ impl fmt::Display for ImageError {
                 "{}: {size} bytes is more than the {MAX_PAGEMAP_BYTES} a pagemap image may hold",
                 path.display()
             ),
+            ImageError::PagesInUse { path, by } => write!(
+                f,
+                "{}: {} reads this pages file; an image with its own pages id cannot replace it",
+                path.display(),
+                by.display()
+            ),
             ImageError::PagesSize {
                 path,
                 needed,
@@ -357,6 +382,11 @@ impl fmt::Display for ImageError {
                     None => f.write_str(" (no parent link)"),
                 }
             }
+            ImageError::Replaced { path } => write!(
+                f,
+                "{}: replaced while it was being opened, each time it was tried",
+                path.display()
+            ),
             ImageError::ParentLoop { dir } => write!(
                 f,
                 "{}: the parent chain loops or is deeper than {MAX_PARENT_DEPTH}",
@@ -471,6 +501,10 @@ impl ImageError {
                 needed: *needed,
                 actual: *actual,
             },
+            ImageError::PagesInUse { path, by } => ImageError::PagesInUse {
+                path: path.clone(),
+                by: by.clone(),
+            },
             ImageError::ShortRead { path, offset } => ImageError::ShortRead {
                 path: path.clone(),
                 offset: *offset,
@@ -481,6 +515,7 @@ impl ImageError {
                 link: link.as_ref().map(io),
             },
             ImageError::ParentLoop { dir } => ImageError::ParentLoop { dir: dir.clone() },
+            ImageError::Replaced { path } => ImageError::Replaced { path: path.clone() },
             ImageError::NotInParent { path, vaddr } => ImageError::NotInParent {
                 path: path.clone(),
                 vaddr: *vaddr,

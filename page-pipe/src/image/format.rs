@@ -122,6 +122,21 @@ pub(crate) fn encode_head(pages_id: u32, out: &mut Vec<u8>) {
     );
 }
 
+/// The `pages_id` of the head of a pagemap image whose first bytes are `bytes`, if they
+/// hold the two magics and a well-formed head.
+pub(crate) fn decode_pages_id(bytes: &[u8]) -> Option<u32> {
+    let word = |off: usize| {
+        let b = bytes.get(off..off + 4)?;
+        Some(u32::from_le_bytes(b.try_into().ok()?))
+    };
+    if word(0)? != IMG_COMMON_MAGIC || word(4)? != PAGEMAP_MAGIC {
+        return None;
+    }
+    let len = word(8)? as usize;
+    let body = bytes.get(12..12usize.checked_add(len)?)?;
+    PagemapHead::decode(body).ok()?.pages_id
+}
+
 /// Which fields of a pagemap entry carry its page count when it is written.
 ///
 /// CRIU 1.x to 3.x read `compat_nr_pages` (field 2, 32 bits); CRIU 4.x and its `crit` read

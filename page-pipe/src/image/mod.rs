@@ -24,7 +24,9 @@
 //!   [`ImageWriter::finish`] succeeds, after the pages file and the `parent` link are in
 //!   place, and by default after the data and the directory were synced
 //!   ([`ImageWriter::with_sync`] turns syncing off). A full image removes an old `parent`
-//!   link; an incremental one replaces it. A writer that met an error refuses to finish
+//!   link; an incremental one replaces it. A pages file that another pagemap of the
+//!   directory reads is never replaced ([`ImageError::PagesInUse`]): images that share a
+//!   directory need their own pages ids. A writer that met an error refuses to finish
 //!   with that first error, and commits nothing; a writer dropped without `finish`
 //!   removes its temporary files.
 //! - It writes each entry's page count in both `compat_nr_pages` (field 2, which older
@@ -40,7 +42,11 @@
 //!   once. It reads the pagemap by its size, at most [`MAX_PAGEMAP_BYTES`], and checks
 //!   all of the rules above. The only link it follows is `parent` (a directory, as CRIU
 //!   makes it), along a chain of at most [`MAX_PARENT_DEPTH`] images that must not loop;
-//!   a `PARENT` entry needs a parent.
+//!   a `PARENT` entry needs a parent. Once the pages file and the parent link are
+//!   open it checks that the pagemap it read is still under its name: a writer
+//!   committing over the image removes the old pagemap first, so a reader never pairs
+//!   a pagemap with the pages file or link of the image replacing it (it opens the
+//!   image again, at most a few times, then [`ImageError::Replaced`]).
 //! - Pages are read with positional reads from the files the [`Image`] keeps open, never
 //!   mapped by safe code: a file truncated or rewritten by someone else while open gives
 //!   [`ImageError::ShortRead`] or the new bytes, never undefined behaviour. Mapping the

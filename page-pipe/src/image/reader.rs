@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::error::{FileOp, ImageError, io_err};
@@ -37,10 +38,24 @@ fn find_pagemap(dir: &Path) -> Result<u64, ImageError> {
     }
 }
 
+/// Which file a name held: its device and inode.
+type FileId = (u64, u64);
+
+/// Whether `path` (not followed) is the file `id`.
+fn still_there(path: &Path, id: FileId) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id)
+}
+
+/// How many times [`Image::open`] tries an image that is replaced while it opens it.
+const OPEN_TRIES: usize = 8;
+
 /// Reads a whole pagemap image, bounded: a regular file of at most
-/// [`MAX_PAGEMAP_BYTES`], read by its size, never past it.
-fn read_pagemap(path: &Path) -> Result<Vec<u8>, ImageError> {
+/// [`MAX_PAGEMAP_BYTES`], read by its size, never past it. Returns its bytes and which
+/// file it was.
+fn read_pagemap(path: &Path) -> Result<(Vec<u8>, FileId), ImageError> {
     let (file, size) = open_regular(path)?;
+    let meta = file.metadata().map_err(io_err(path, FileOp::Stat))?;
+    let id = (meta.dev(), meta.ino());
     if size > MAX_PAGEMAP_BYTES {
         return Err(ImageError::TooLarge {
             path: path.to_path_buf(),
@@ -49,7 +64,7 @@ fn read_pagemap(path: &Path) -> Result<Vec<u8>, ImageError> {
     }
     let mut bytes = vec![0u8; size as usize];
     read_exact_at(&file, path, &mut bytes, 0)?;
-    Ok(bytes)
+    Ok((bytes, id))
 }
 
 /// Where a page is, as [`Image::page`] finds it.
@@ -116,8 +131,25 @@ impl Image {
     /// [`ImageError`] naming the file and entry at fault.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, ImageError> {
         let dir = dir.as_ref();
-        let id = find_pagemap(dir)?;
-        Self::open_id(dir, id)
+        Self::retried(|| Self::open_id_once(dir, find_pagemap(dir)?))
+    }
+
+    /// Runs `open` again while the image it opens is replaced under it (a writer
+    /// committing over it), at most [`OPEN_TRIES`] times.
+    fn retried(mut open: impl FnMut() -> Result<Self, ImageError>) -> Result<Self, ImageError> {
+        let mut tries = 1;
+        loop {
+            match open() {
+                Err(ImageError::Replaced { .. }) if tries < OPEN_TRIES => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    fn open_id_once(dir: &Path, id: u64) -> Result<Self, ImageError> {
+        let page_size = page_pipe_sys::page_size().get();
+        let mut seen = Vec::new();
+        Self::open_chain(dir, Some(id), page_size, &mut seen)
     }
 
     /// Opens `pagemap-<id>.img` in `dir` and its parents.
@@ -125,9 +157,8 @@ impl Image {
     /// # Errors
     /// [`ImageError`] naming the file and entry at fault.
     pub fn open_id(dir: impl AsRef<Path>, id: u64) -> Result<Self, ImageError> {
-        let page_size = page_pipe_sys::page_size().get();
-        let mut seen = Vec::new();
-        Self::open_chain(dir.as_ref(), Some(id), page_size, &mut seen)
+        let dir = dir.as_ref();
+        Self::retried(|| Self::open_id_once(dir, id))
     }
 
     fn open_chain(
@@ -154,12 +185,34 @@ impl Image {
             _ => find_pagemap(dir)?,
         };
         let pagemap_path = dir.join(pagemap_name(id));
-        let bytes = read_pagemap(&pagemap_path)?;
+        let (bytes, pagemap_id) = read_pagemap(&pagemap_path)?;
         let pagemap = Pagemap::decode(&bytes, page_size).map_err(|at| ImageError::Format {
             path: pagemap_path.clone(),
             at,
         })?;
         drop(bytes);
+        let opened = Self::open_rest(dir, id, pagemap_path.clone(), pagemap, page_size, seen);
+        // A writer committing over this image removes the old pagemap before it renames
+        // anything else into place (`ImageWriter::finish`): if the pagemap read is still
+        // under its name, the pages file and the parent link opened since are its own
+        // (and an error met opening them is the image's); if not, they may be the new
+        // image's, and the image is opened again.
+        if still_there(&pagemap_path, pagemap_id) {
+            return opened;
+        }
+        Err(ImageError::Replaced { path: pagemap_path })
+    }
+
+    /// The rest of [`open_chain`](Self::open_chain), once the pagemap is read: the pages
+    /// file and the parent chain.
+    fn open_rest(
+        dir: &Path,
+        id: u64,
+        pagemap_path: PathBuf,
+        pagemap: Pagemap,
+        page_size: usize,
+        seen: &mut Vec<PathBuf>,
+    ) -> Result<Self, ImageError> {
         let pages_path = dir.join(pages_name(pagemap.pages_id));
         let needed = pagemap
             .present_bytes(page_size)

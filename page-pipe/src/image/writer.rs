@@ -15,7 +15,9 @@ use super::files::{
     DIR_MODE, MAX_IO, create_temp, link_temp, read_exact_at, remove_if_there, sync_dir,
     write_all_at,
 };
-use super::format::{CountFields, MAX_ENTRY_PAGES, encode_entry_counts, encode_head};
+use super::format::{
+    CountFields, MAX_ENTRY_PAGES, decode_pages_id, encode_entry_counts, encode_head,
+};
 use super::{PageFlags, PagemapEntry, pagemap_name, pages_name, shmem_pagemap_name};
 
 /// What an [`ImageWriter`] wrote.
@@ -104,7 +106,9 @@ pub(super) const COPY_BUF: usize = 8 << 20;
 impl ImageWriter {
     /// Starts an image `pagemap-<id>.img` with pages file `pages-1.img` in `dir`, making
     /// `dir` (mode 0700) if needed. An image already there stays until
-    /// [`finish`](Self::finish) replaces it.
+    /// [`finish`](Self::finish) replaces it. Another image in the same directory needs
+    /// a pages id of its own ([`create_with_pages_id`](Self::create_with_pages_id)):
+    /// `finish` refuses to replace the pages file another pagemap reads.
     ///
     /// # Errors
     /// [`ImageError::Io`] naming the directory or file.
@@ -652,7 +656,8 @@ impl ImageWriter {
     ///
     /// # Errors
     /// The first error the writer met, again (kind, errno and message), if one failed:
-    /// then nothing is committed. [`ImageError::Io`] naming the file when writing,
+    /// then nothing is committed. [`ImageError::PagesInUse`] when another pagemap of the
+    /// directory reads the pages file this one would replace; nothing is committed. [`ImageError::Io`] naming the file when writing,
     /// syncing or renaming fails; the pagemap is then not in place.
     pub fn finish(mut self) -> Result<ImageSummary, ImageError> {
         if let Some(f) = &self.failed {
@@ -670,6 +675,8 @@ impl ImageWriter {
                 .sync_all()
                 .map_err(io_err(&self.pagemap_path, FileOp::Sync))?;
         }
+        self.check_pages_unshared()?;
+        self.check_parent_replaceable()?;
         remove_if_there(&self.pagemap_path)
             .map_err(io_err(&self.pagemap_path, FileOp::RemoveOldPagemap))?;
         let tmp = self.pages_tmp.as_ref().expect("renamed only here");
@@ -695,6 +702,57 @@ impl ImageWriter {
         }
         self.summary.pagemap_bytes = self.on_disk;
         Ok(self.summary)
+    }
+
+    /// Refuses to replace a pages file that another pagemap image of the directory
+    /// reads ([`ImageError::PagesInUse`]). Pagemaps are found by listing the directory
+    /// (links and other non-files are not followed: they are no image of this writer's
+    /// concern) and only their heads are read.
+    fn check_pages_unshared(&self) -> Result<(), ImageError> {
+        if std::fs::symlink_metadata(&self.pages_path).is_err() {
+            return Ok(());
+        }
+        let ours = self.pagemap_path.file_name();
+        let list = std::fs::read_dir(&self.dir).map_err(io_err(&self.dir, FileOp::ListDir))?;
+        for ent in list {
+            let ent = ent.map_err(io_err(&self.dir, FileOp::ListDir))?;
+            let name = ent.file_name();
+            let is_pagemap = name.to_str().is_some_and(|n| {
+                n.starts_with("pagemap-") && n.ends_with(".img") && Some(name.as_os_str()) != ours
+            });
+            if !is_pagemap || !ent.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let path = ent.path();
+            let Ok((file, _)) = super::files::open_regular(&path) else {
+                continue;
+            };
+            let mut head = [0u8; 32];
+            let n = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).unwrap_or(0);
+            if decode_pages_id(&head[..n]) == Some(self.pages_id) {
+                return Err(ImageError::PagesInUse {
+                    path: self.pages_path.clone(),
+                    by: path,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails, before anything of the old image is touched, when the `parent` step of the
+    /// commit would fail: a directory (not a link) at `parent` can be neither removed nor
+    /// replaced (`EISDIR`), and the old pagemap would be gone by then.
+    fn check_parent_replaceable(&self) -> Result<(), ImageError> {
+        let link = self.dir.join("parent");
+        if !std::fs::symlink_metadata(&link).is_ok_and(|m| m.is_dir()) {
+            return Ok(());
+        }
+        let op = match self.parent_tmp {
+            Some(_) => FileOp::Commit,
+            None => FileOp::RemoveOldLink,
+        };
+        let eisdir = io::Error::from_raw_os_error(rustix::io::Errno::ISDIR.raw_os_error());
+        Err(io_err(&link, op)(eisdir))
     }
 
     /// What has been written so far (entries still pending are not counted).

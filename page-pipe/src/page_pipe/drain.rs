@@ -199,6 +199,11 @@ impl<M: Mode, I: IovStore, B: PipeBackend> PagePipe<M, I, B> {
         self.pipes.lose(slot);
     }
 
+    /// A transfer from the pipe in `slot`, marked lost before it started, ended well.
+    pub(crate) fn regain(&mut self, slot: usize) {
+        self.pipes.regain(slot);
+    }
+
     /// The buf and run holding `addr`, if a live buf holds it: binary search over the
     /// runs (which ascend across all bufs), then over the bufs (ordered by first run).
     pub(crate) fn locate(&self, addr: u64) -> Option<(usize, usize)> {

@@ -174,6 +174,12 @@ impl<P> PipeSlab<P> {
         self.get_mut(slot).lost = true;
     }
 
+    /// A transfer from the pipe in `slot` that [`lose`](Self::lose) marked before it
+    /// started ended well: its front is known again.
+    pub(crate) fn regain(&mut self, slot: usize) {
+        self.get_mut(slot).lost = false;
+    }
+
     /// After a re-init: the pipes are empty and hold nothing of the next capture yet.
     pub(crate) fn reset(&mut self) {
         for s in self.slots.iter_mut().flatten() {
