@@ -241,8 +241,12 @@ impl<M: Mode, I: IovStore> PagePipe<M, I, KernelPipes> {
                 let group = start..end;
                 let want = iovs.bytes(group.clone());
                 let mut done = 0usize;
+                // Whether any bytes of the group went in by reference (before a refusal
+                // moved the rest to copies).
+                let mut referenced = false;
                 while done < want {
                     let pipe = pp.pipe(b.slot);
+                    let referencing = kind && path != CapturePath::Copy;
                     let r = match (kind, path) {
                         (true, CapturePath::VmspliceGift) => {
                             iovs.vmsplice(pipe, group.clone(), done, true)
@@ -254,11 +258,13 @@ impl<M: Mode, I: IovStore> PagePipe<M, I, KernelPipes> {
                     };
                     let partial = match r {
                         Ok(n) => {
+                            referenced |= referencing && n > 0;
                             done += n;
                             continue;
                         }
                         Err(partial) => partial,
                     };
+                    referenced |= referencing && partial.done > 0;
                     done += partial.done;
                     // Refusals of the flag or of vmsplice itself move on to the next path;
                     // anything else stops the capture.
@@ -289,7 +295,7 @@ impl<M: Mode, I: IovStore> PagePipe<M, I, KernelPipes> {
                         }
                     };
                 }
-                let by_reference = kind && path != CapturePath::Copy;
+                let by_reference = kind && (path != CapturePath::Copy || referenced);
                 if !by_reference {
                     copied += (want as u64) / ps;
                 } else if (start..end).any(|i| iovs.hold(i) == Hold::Lent) {
