@@ -40,9 +40,13 @@ struct Shared {
 
 impl Shared {
     fn new(mem: &mut MmapMut) -> Arc<Shared> {
-        let pages = mem.len() / ps();
+        Self::at(mem.as_mut_ptr() as usize, mem.len() / ps())
+    }
+
+    /// Over `pages` pages at `base`, which the caller keeps mapped while it is used.
+    fn at(base: usize, pages: usize) -> Arc<Shared> {
         Arc::new(Shared {
-            base: mem.as_mut_ptr() as usize,
+            base,
             pages,
             pause: RwLock::new(()),
             stop: AtomicBool::new(false),
