@@ -114,7 +114,8 @@ pub struct LiveReport {
     pub writer_stalls: u64,
     /// Times a writer waited for the dump to finish reading its page.
     pub writer_waits: u64,
-    /// Write faults the handler served during the dump: pages written meanwhile.
+    /// Write faults the handler served from the instant to the end of the dump: pages
+    /// written meanwhile.
     pub faults: u64,
 }
 
@@ -293,6 +294,8 @@ pub struct Live<'t> {
     /// dump succeeds.
     taken: Vec<Span>,
     pause: Duration,
+    /// The handler's fault count at the instant.
+    faults_before: u64,
     ended: bool,
 }
 
@@ -333,10 +336,16 @@ impl Tracker {
     /// a take failed.
     ///
     /// # Safety
-    /// Those of [`Tracker::start`] in the synchronous mode, and: the regions stay mapped
-    /// until the background snapshot ends (its dump returns or it is dropped). (The
-    /// snapshot reads them, with the kernel and with volatile copies, while the program
-    /// writes them.)
+    /// Those of [`Tracker::start`] in the synchronous mode, and, until the background
+    /// snapshot ends (its dump returns or it is dropped):
+    /// - the regions stay mapped and readable (no `munmap`, no `mprotect(PROT_NONE)`):
+    ///   the snapshot reads them, with the kernel and with volatile copies, while the
+    ///   program writes them;
+    /// - the thread that will dump (its sink and progress callbacks included) does not
+    ///   write the regions, and the [`Live`] is not leaked (`mem::forget`): a write to a
+    ///   page the dump still needs may wait for the dump (while it reads that page, or
+    ///   when the saved copies reached [`LiveOptions::max_saved_pages`]), so the process
+    ///   would deadlock.
     #[allow(unsafe_code)] // declares the contract above
     pub unsafe fn live(
         &mut self,
@@ -392,11 +401,13 @@ impl Tracker {
             unreachable!("checked synchronous above")
         };
         engine.shared().lock().live = Some(state);
+        let faults_before = self.faults();
         Ok(Live {
             tracker: self,
             plan,
             taken,
             pause: t.elapsed(),
+            faults_before,
             ended: false,
         })
     }
@@ -444,7 +455,6 @@ impl Live<'_> {
         sink: &mut S,
         opts: &LiveOptions,
     ) -> Result<LiveReport, LiveError> {
-        let faults_before = self.tracker.faults();
         let regions = self
             .tracker
             .regions
@@ -490,7 +500,7 @@ impl Live<'_> {
                     saved_peak_bytes: st.peak * self.tracker.page_size as u64,
                     writer_stalls: st.stalls,
                     writer_waits: st.waits,
-                    faults: self.tracker.faults() - faults_before,
+                    faults: self.tracker.faults() - self.faults_before,
                 })
             }
             Err(e) => {
