@@ -751,3 +751,155 @@ fn stopping_with_writers_running_releases_them() {
         drop(sync_tracker(&mem).expect("the memory is free again"));
     }
 }
+
+/// The peak of saved copies counts those the dump is writing too: 4 copies taken by the
+/// dump's first entry and 12 saved meanwhile are 16 held at once; the faults counted are
+/// all those since the instant, before the dump began too.
+#[test]
+fn the_saved_peak_counts_copies_being_written() {
+    let _w = Watchdog::new("the_saved_peak_counts_copies_being_written", 60);
+    let pages = 64;
+    let mut mem = MmapOptions::new().len(pages * ps()).map_anon().unwrap();
+    page_pipe_tests::fill_pattern(&mut mem, 18);
+    let Some(mut tracker) = sync_tracker(&mem) else {
+        return;
+    };
+    let s = Shared::new(&mut mem);
+    let reference = s.copy();
+    let opts = small_entries(16);
+    // SAFETY: as for `sync_tracker`; the mapping outlives the dump.
+    let live = unsafe { tracker.live(LiveKind::Full, &opts) }.unwrap();
+    for p in 0..4 {
+        s.write(p, 1);
+    }
+    let mut got = Vec::new();
+    let mut sink = CallbackSink::new(|e: &PagemapEntry, b: &[u8]| {
+        if e.vaddr == BASE {
+            assert!(e.pages <= 40, "{e:?}");
+            // While the dump holds the first entry's 4 copies, 12 more are saved.
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || (40..52).for_each(|p| s.write(p, 2)))
+                .join()
+                .unwrap();
+        }
+        got.extend_from_slice(b);
+        Ok(())
+    });
+    let report = live.dump(&mut sink, &opts).unwrap();
+    drop(sink);
+    assert!(got == reference, "the image is not the instant");
+    assert_eq!(report.saved_pages, 16, "{report:?}");
+    assert_eq!(report.writer_stalls, 0, "{report:?}");
+    assert_eq!(report.saved_peak_bytes, 16 * ps() as u64, "{report:?}");
+    assert_eq!(report.faults, 16, "{report:?}");
+    tracker.stop().unwrap();
+}
+
+/// Two regions next to each other in snapshot addresses but the other way round in
+/// memory: the dump's entries span both, and still hold each page of the instant.
+#[test]
+fn regions_in_the_other_order_in_memory() {
+    let _w = Watchdog::new("regions_in_the_other_order_in_memory", 60);
+    let half = 120;
+    let mut mem = MmapOptions::new().len(2 * half * ps()).map_anon().unwrap();
+    page_pipe_tests::fill_pattern(&mut mem, 19);
+    let (lo, hi) = mem.split_at(half * ps());
+    let regions = [
+        TrackRegion::of(BASE, hi),
+        TrackRegion::of(BASE + (half * ps()) as u64, lo),
+    ];
+    let Some(mut tracker) = sync_tracker_over(&regions, Avoid::empty()) else {
+        return;
+    };
+    let s = Shared::new(&mut mem);
+    let w = Running {
+        s: Arc::clone(&s),
+        threads: writers(&s, 3, 19, Duration::ZERO),
+    };
+    let opts = small_entries(2);
+    let dir = TempDir::new("live-order");
+    for (i, kind) in [LiveKind::Full, LiveKind::Incremental]
+        .into_iter()
+        .enumerate()
+    {
+        let (reference, live) = {
+            let _p = s.pause.write().unwrap();
+            let mut r = s.copy();
+            // The image holds the upper half first.
+            r.rotate_left(half * ps());
+            // SAFETY: as for `sync_tracker`; the mapping outlives the dump.
+            (r, unsafe { tracker.live(kind, &opts) }.unwrap())
+        };
+        let d = dir.path().join(format!("{}", i + 1));
+        let mut wr = ImageWriter::create(&d, 1).unwrap().with_sync(false);
+        if i > 0 {
+            wr = wr.with_parent(dir.path().join("1")).unwrap();
+        }
+        live.dump(&mut wr, &opts).unwrap();
+        wr.finish().unwrap();
+        assert!(
+            restored(&d, 2 * half * ps()) == reference,
+            "snapshot {} is not its instant",
+            i + 1
+        );
+        s.assert_writers_go_on(100);
+    }
+    w.stop();
+    tracker.stop().unwrap();
+}
+
+/// Part of the memory unmapped between snapshots: the next live snapshot is refused with
+/// the loss, and nothing stays registered.
+#[test]
+fn unmapped_memory_refuses_the_next_live_snapshot() {
+    let _w = Watchdog::new("unmapped_memory_refuses_the_next_live_snapshot", 60);
+    let pages = 64;
+    let mut mem = MmapOptions::new().len(pages * ps()).map_anon().unwrap();
+    mem.fill(3);
+    let Some(mut tracker) = sync_tracker(&mem) else {
+        return;
+    };
+    let opts = LiveOptions::default();
+    // SAFETY: as for `sync_tracker`; the mapping outlives the dump.
+    let live = unsafe { tracker.live(LiveKind::Full, &opts) }.unwrap();
+    live.dump(
+        &mut CallbackSink::new(|_: &PagemapEntry, _: &[u8]| Ok(())),
+        &opts,
+    )
+    .unwrap();
+    let tail = mem.as_mut_ptr() as usize + (pages - 4) * ps();
+    // SAFETY: the last 4 pages of the test's own mapping, which nothing uses any more;
+    // `mem` is dropped only after the tracker and never touches them again.
+    unsafe { rustix::mm::munmap(tail as *mut _, 4 * ps()) }.unwrap();
+    // SAFETY: as above; the part still mapped stays mapped.
+    let err = unsafe { tracker.live(LiveKind::Incremental, &opts) }.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LiveError::Track(TrackError::Lost {
+                by: LostBy::Unmap,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    drop(tracker);
+    drop(
+        sync_tracker_over(
+            &[TrackRegion::of(BASE, &mem[..(pages - 4) * ps()])],
+            Avoid::empty(),
+        )
+        .expect("the memory is free again"),
+    );
+    // Map the hole again so that dropping `mem` unmaps what it mapped.
+    // SAFETY: maps fresh anonymous memory exactly where the test unmapped its own.
+    unsafe {
+        rustix::mm::mmap_anonymous(
+            tail as *mut _,
+            4 * ps(),
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
+        )
+    }
+    .unwrap();
+}
