@@ -296,7 +296,7 @@ fn memory_discarded_during_the_dump_fails_it() {
 }
 
 /// Writes the kernel makes for the process: `read(2)` from a pipe into a page of the
-/// tracked memory, by `n` threads, until stopped.
+/// tracked memory, or `process_vm_writev(2)` into it, by `n` threads, until stopped.
 fn kernel_writers(s: &Arc<Shared>, n: usize, seed: u64) -> Vec<std::thread::JoinHandle<()>> {
     (0..n)
         .map(|t| {
@@ -314,10 +314,27 @@ fn kernel_writers(s: &Arc<Shared>, n: usize, seed: u64) -> Vec<std::thread::Join
                     let _g = s.pause.read().unwrap();
                     rustix::io::write(&w, &data).unwrap();
                     let at = s.base + page * ps();
-                    // SAFETY: `read(2)` into a page of the test's mapping, alive until the
-                    // writers are joined; the kernel writes it, as the writers do.
-                    let got = unsafe { libc::read(r.as_raw_fd(), at as *mut _, ps()) };
-                    assert_eq!(got, ps() as isize, "read(2) into tracked memory");
+                    let got = if x & 1 == 0 {
+                        // SAFETY: `read(2)` into a page of the test's mapping, alive until
+                        // the writers are joined; the kernel writes it, as writers do.
+                        unsafe { libc::read(r.as_raw_fd(), at as *mut _, ps()) }
+                    } else {
+                        let mut sink = vec![0u8; ps()];
+                        rustix::io::read(&r, &mut sink).unwrap();
+                        let local = libc::iovec {
+                            iov_base: data.as_mut_ptr().cast(),
+                            iov_len: ps(),
+                        };
+                        let remote = libc::iovec {
+                            iov_base: at as *mut _,
+                            iov_len: ps(),
+                        };
+                        // SAFETY: the kernel copies `data` into a page of the test's
+                        // mapping, alive until the writers are joined, through the
+                        // process's memory as a debugger would (`process_vm_writev`).
+                        unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) }
+                    };
+                    assert_eq!(got, ps() as isize, "a kernel write into tracked memory");
                     s.marks[page].store(true, Ordering::Relaxed);
                     s.writes.fetch_add(1, Ordering::Relaxed);
                 }
@@ -445,8 +462,9 @@ fn many_writers_with_room_for_no_copy_and_exact_takes() {
     tracker.stop().unwrap();
 }
 
-/// Writes the kernel makes (`read(2)` into the memory) during the dump wait for the
-/// handler as user writes do: the images are the instant, the takes hold those pages.
+/// Writes the kernel makes (`read(2)`, `process_vm_writev(2)` into the memory) during the
+/// dump wait for the handler as user writes do: the images are the instant, the takes
+/// hold those pages.
 #[test]
 fn kernel_writes_during_the_dump_are_saved_and_tracked() {
     let _w = Watchdog::new("kernel_writes_during_the_dump_are_saved_and_tracked", 120);

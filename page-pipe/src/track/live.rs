@@ -41,7 +41,15 @@
 //! Memory discarded during the dump (`MADV_DONTNEED`) changes without a write fault: the
 //! kernel tells the handler (which records tracking lost) before it drops the pages, so
 //! the dump checks, once it has read everything, that tracking was not lost meanwhile,
-//! and fails with [`LiveError::Lost`] if it was. After the dump the tracker goes on
+//! and fails with [`LiveError::Lost`] if it was.
+//!
+//! What it cannot see, as tracking cannot ([module docs](super#what-the-tracker-sees-and-what-it-does-not)):
+//! changes made without a write fault on these mappings reach the dump unnoticed, so the
+//! image is not the instant there. Writes through another mapping of shared memory
+//! (another process, a vhost-user backend) or through its file descriptor (`write(2)`,
+//! `fallocate(2)` punching a hole), and DMA into pinned pages: quiesce them until the
+//! dump ends. Writes the kernel makes for this process (`read(2)` into the memory,
+//! `process_vm_writev(2)`) fault and are saved like the program's own. After the dump the tracker goes on
 //! synchronously; to go back to asynchronous tracking, see the module docs.
 //!
 //! The memory is never seen as a `&[u8]`: it is memory others write (DESIGN.md 7.1), read
