@@ -243,10 +243,15 @@ fn a_panicking_sink_releases_the_writers_and_loses_no_written_page() {
 }
 
 /// Pages discarded (`MADV_DONTNEED`) during the dump before it reads them would be
-/// written as zeros: the dump must not succeed with that image.
+/// written as zeros: the dump must not succeed with that image; the tracker stops and
+/// leaves no descriptor or thread behind.
 #[test]
 fn memory_discarded_during_the_dump_fails_it() {
+    if !alone("attacks::memory_discarded_during_the_dump_fails_it") {
+        return;
+    }
     let _w = Watchdog::new("memory_discarded_during_the_dump_fails_it", 60);
+    let (fds, threads) = (page_pipe_tests::open_fds(), threads_now());
     let pages = 64;
     let mut mem = MmapOptions::new().len(pages * ps()).map_anon().unwrap();
     mem.fill(0x5a);
@@ -290,9 +295,14 @@ fn memory_discarded_during_the_dump_fails_it() {
         Err(e) => panic!("not the error of a discard: {e:?}"),
     }
     assert!(tracker.take().is_err(), "tracking survived a discard");
-    drop(tracker);
-    // Nothing stays registered: another tracker may have the memory.
+    // The failed dump stopped the tracker: its handler thread is gone, nothing stays
+    // registered (another tracker may have the memory).
+    assert_eq!(threads_now(), threads, "the handler thread still runs");
     drop(sync_tracker(&mem).expect("the memory is free again"));
+    drop(tracker);
+    drop(mem);
+    assert_eq!(page_pipe_tests::open_fds(), fds, "descriptors left open");
+    assert_eq!(threads_now(), threads, "threads left running");
 }
 
 /// Writes the kernel makes for the process: `read(2)` from a pipe into a page of the
