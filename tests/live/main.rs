@@ -3,6 +3,8 @@
 //! bound on saved copies makes writers wait and let go; a sink failing in the middle
 //! releases the writers and leaves nothing registered.
 
+mod attacks;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -32,9 +34,27 @@ struct Shared {
     pause: RwLock<()>,
     stop: AtomicBool,
     writes: AtomicU64,
+    /// Pages written since the test last cleared them (with the writers paused).
+    marks: Vec<AtomicBool>,
 }
 
 impl Shared {
+    fn new(mem: &mut MmapMut) -> Arc<Shared> {
+        Self::at(mem.as_mut_ptr() as usize, mem.len() / ps())
+    }
+
+    /// Over `pages` pages at `base`, which the caller keeps mapped while it is used.
+    fn at(base: usize, pages: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            base,
+            pages,
+            pause: RwLock::new(()),
+            stop: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+            marks: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+        })
+    }
+
     fn write(&self, page: usize, value: u64) {
         let _g = self.pause.read().unwrap();
         let words = ps() / 8;
@@ -45,6 +65,7 @@ impl Shared {
             // while the writers are paused.
             unsafe { at.write_volatile(value) };
         }
+        self.marks[page].store(true, Ordering::Relaxed);
         self.writes.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -114,13 +135,7 @@ fn full_then_incremental(pages: usize, threads: usize, seed: u64, gap: Duration,
     let Some(mut tracker) = sync_tracker(&mem) else {
         return;
     };
-    let s = Arc::new(Shared {
-        base: mem.as_mut_ptr() as usize,
-        pages,
-        pause: RwLock::new(()),
-        stop: AtomicBool::new(false),
-        writes: AtomicU64::new(0),
-    });
+    let s = Shared::new(&mut mem);
     let dir = TempDir::new("live");
     let opts = LiveOptions {
         max_saved_pages: max_saved,
@@ -195,13 +210,7 @@ fn the_bound_on_saved_copies_makes_writers_wait_and_let_go() {
     let Some(mut tracker) = sync_tracker(&mem) else {
         return;
     };
-    let s = Arc::new(Shared {
-        base: mem.as_mut_ptr() as usize,
-        pages,
-        pause: RwLock::new(()),
-        stop: AtomicBool::new(false),
-        writes: AtomicU64::new(0),
-    });
+    let s = Shared::new(&mut mem);
     let opts = LiveOptions {
         max_saved_pages: 1,
         ..LiveOptions::default()
@@ -264,13 +273,7 @@ fn a_failing_sink_releases_the_writers_and_leaves_nothing_behind() {
     let Some(mut tracker) = sync_tracker(&mem) else {
         return;
     };
-    let s = Arc::new(Shared {
-        base: mem.as_mut_ptr() as usize,
-        pages,
-        pause: RwLock::new(()),
-        stop: AtomicBool::new(false),
-        writes: AtomicU64::new(0),
-    });
+    let s = Shared::new(&mut mem);
     // SAFETY: as for `sync_tracker`.
     let live = unsafe { tracker.live(LiveKind::Full, &LiveOptions::default()) }.unwrap();
     let w = writers(&s, 2, 5, Duration::ZERO);
@@ -353,13 +356,7 @@ fn every_sink_kind_gets_the_memory_at_the_instant() {
     let Some(mut tracker) = sync_tracker(&mem) else {
         return;
     };
-    let s = Arc::new(Shared {
-        base: mem.as_mut_ptr() as usize,
-        pages,
-        pause: RwLock::new(()),
-        stop: AtomicBool::new(false),
-        writes: AtomicU64::new(0),
-    });
+    let s = Shared::new(&mut mem);
     let w = writers(&s, 2, 21, Duration::from_micros(5));
     for chunk_mode in [true, false] {
         let opts = LiveOptions {

@@ -60,6 +60,11 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Why tracking was lost, if it was.
+    pub(super) fn lost(&self) -> Option<TrackError> {
+        self.lock().lost.clone()
+    }
+
     fn wait<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         self.changed.wait(st).unwrap_or_else(|e| e.into_inner())
     }

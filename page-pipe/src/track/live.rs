@@ -34,7 +34,22 @@
 //!
 //! Pages the dump has passed stay protected: every write after the instant of
 //! protection is recorded, and the next [`Tracker::take`] (or [`Tracker::live`] with
-//! [`LiveKind::Incremental`]) is complete. After the dump the tracker goes on
+//! [`LiveKind::Incremental`]) is complete. A [`Live`] dropped without a dump that
+//! succeeded gives the pages its take found back to the tracker, so they are not lost
+//! to the next take either.
+//!
+//! Memory discarded during the dump (`MADV_DONTNEED`) changes without a write fault: the
+//! kernel tells the handler (which records tracking lost) before it drops the pages, so
+//! the dump checks, once it has read everything, that tracking was not lost meanwhile,
+//! and fails with [`LiveError::Lost`] if it was.
+//!
+//! What it cannot see, as tracking cannot ([module docs](super#what-the-tracker-sees-and-what-it-does-not)):
+//! changes made without a write fault on these mappings reach the dump unnoticed, so the
+//! image is not the instant there. Writes through another mapping of shared memory
+//! (another process, a vhost-user backend) or through its file descriptor (`write(2)`,
+//! `fallocate(2)` punching a hole), and DMA into pinned pages: quiesce them until the
+//! dump ends. Writes the kernel makes for this process (`read(2)` into the memory,
+//! `process_vm_writev(2)`) fault and are saved like the program's own. After the dump the tracker goes on
 //! synchronously; to go back to asynchronous tracking, see the module docs.
 //!
 //! The memory is never seen as a `&[u8]`: it is memory others write (DESIGN.md 7.1), read
@@ -107,7 +122,8 @@ pub struct LiveReport {
     pub writer_stalls: u64,
     /// Times a writer waited for the dump to finish reading its page.
     pub writer_waits: u64,
-    /// Write faults the handler served during the dump: pages written meanwhile.
+    /// Write faults the handler served from the instant to the end of the dump: pages
+    /// written meanwhile.
     pub faults: u64,
 }
 
@@ -120,6 +136,11 @@ pub enum LiveError {
     /// The dump failed; the tracker was stopped (every writer released, the regions
     /// unregistered), since later incremental snapshots would have no whole parent.
     Dump(SnapshotError),
+    /// Tracking was lost while the dump ran ([`TrackError::Lost`]: memory discarded with
+    /// `madvise(2)`, unmapped or moved), so pages it read may not be the memory at the
+    /// instant (a discarded page reads as zeros); the sink got such an image, which must
+    /// not be kept. The tracker was stopped, as for [`Dump`](Self::Dump).
+    Lost(TrackError),
 }
 
 impl fmt::Display for LiveError {
@@ -128,6 +149,11 @@ impl fmt::Display for LiveError {
             LiveError::Track(_) => "cannot begin the background snapshot",
             LiveError::Dump(_) => {
                 "the background snapshot failed; tracking stopped (take a full snapshot next)"
+            }
+            LiveError::Lost(_) => {
+                "the memory changed under the background snapshot where it cannot see; its \
+                 image is not the memory at its instant; tracking stopped (take a full \
+                 snapshot next)"
             }
         })
     }
@@ -138,6 +164,7 @@ impl std::error::Error for LiveError {
         match self {
             LiveError::Track(e) => Some(e),
             LiveError::Dump(e) => Some(e),
+            LiveError::Lost(e) => Some(e),
         }
     }
 }
@@ -265,11 +292,18 @@ impl PageBytes for LiveBytes {
 
 /// A background snapshot begun by [`Tracker::live`]: its plan is fixed and its pages
 /// protected; [`dump`](Self::dump) writes it while the program runs. Dropping it without
-/// dumping ends it (writers waiting for it go on).
+/// a dump that succeeded (never dumped, or a sink that panicked) ends it: writers waiting
+/// for it go on, and the pages its take found written come back in the tracker's next
+/// take, whose parent is then the snapshot before this one.
 pub struct Live<'t> {
     tracker: &'t mut Tracker,
     plan: Vec<Span>,
+    /// What the take of [`Tracker::live`] returned, given back to the tracker unless the
+    /// dump succeeds.
+    taken: Vec<Span>,
     pause: Duration,
+    /// The handler's fault count at the instant.
+    faults_before: u64,
     ended: bool,
 }
 
@@ -310,10 +344,16 @@ impl Tracker {
     /// a take failed.
     ///
     /// # Safety
-    /// Those of [`Tracker::start`] in the synchronous mode, and: the regions stay mapped
-    /// until the background snapshot ends (its dump returns or it is dropped). (The
-    /// snapshot reads them, with the kernel and with volatile copies, while the program
-    /// writes them.)
+    /// Those of [`Tracker::start`] in the synchronous mode, and, until the background
+    /// snapshot ends (its dump returns or it is dropped):
+    /// - the regions stay mapped and readable (no `munmap`, no `mprotect(PROT_NONE)`):
+    ///   the snapshot reads them, with the kernel and with volatile copies, while the
+    ///   program writes them;
+    /// - the thread that will dump (its sink and progress callbacks included) does not
+    ///   write the regions, and the [`Live`] is not leaked (`mem::forget`): a write to a
+    ///   page the dump still needs may wait for the dump (while it reads that page, or
+    ///   when the saved copies reached [`LiveOptions::max_saved_pages`]), so the process
+    ///   would deadlock.
     #[allow(unsafe_code)] // declares the contract above
     pub unsafe fn live(
         &mut self,
@@ -331,12 +371,10 @@ impl Tracker {
         }
         // Every page the plan needs is protected after a take: the written ones again,
         // the others since the last take.
+        let taken = self.take().map_err(LiveError::Track)?;
         let plan = match kind {
-            LiveKind::Incremental => self.take().map_err(LiveError::Track)?,
-            LiveKind::Full => {
-                self.take().map_err(LiveError::Track)?;
-                self.full_plan()
-            }
+            LiveKind::Incremental => taken.clone(),
+            LiveKind::Full => self.full_plan(),
         };
         let ps = self.page_size as u64;
         let mut pending: Vec<Vec<u64>> = self
@@ -371,10 +409,13 @@ impl Tracker {
             unreachable!("checked synchronous above")
         };
         engine.shared().lock().live = Some(state);
+        let faults_before = self.faults();
         Ok(Live {
             tracker: self,
             plan,
+            taken,
             pause: t.elapsed(),
+            faults_before,
             ended: false,
         })
     }
@@ -414,13 +455,14 @@ impl Live<'_> {
     /// [ordering](crate::track::live)), with `opts.snapshot` (pages always straight from memory).
     ///
     /// # Errors
-    /// [`LiveError::Dump`]: the sink failed, and so on; the tracker is then stopped.
+    /// [`LiveError::Dump`]: the sink failed, and so on; [`LiveError::Lost`]: memory was
+    /// discarded, unmapped or moved during the dump, so the sink's image may not be the
+    /// memory at the instant. The tracker is then stopped.
     pub fn dump<S: DumpSink + ?Sized>(
         mut self,
         sink: &mut S,
         opts: &LiveOptions,
     ) -> Result<LiveReport, LiveError> {
-        let faults_before = self.tracker.faults();
         let regions = self
             .tracker
             .regions
@@ -445,9 +487,18 @@ impl Live<'_> {
             &opts.snapshot,
         );
         let dump_time = t.elapsed();
+        // A discard lets its `madvise` caller go only once the handler has read its event
+        // (and recorded the loss), so a page the dump read after the discard was recorded
+        // lost before this check.
+        let lost = bytes.shared.lost();
         let state = self.end();
+        let r = match (r, lost) {
+            (Ok(_), Some(e)) => Err(LiveError::Lost(e)),
+            (r, _) => r.map_err(LiveError::Dump),
+        };
         match r {
             Ok(snapshot) => {
+                self.taken.clear();
                 let st = state.expect("ended here");
                 Ok(LiveReport {
                     pause: self.pause,
@@ -457,19 +508,23 @@ impl Live<'_> {
                     saved_peak_bytes: st.peak * self.tracker.page_size as u64,
                     writer_stalls: st.stalls,
                     writer_waits: st.waits,
-                    faults: self.tracker.faults() - faults_before,
+                    faults: self.tracker.faults() - self.faults_before,
                 })
             }
             Err(e) => {
                 // Release every writer and everything registered: the next incremental
                 // snapshot would have no whole parent.
                 let _ = self.tracker.shutdown();
-                self.tracker.failed = Some(TrackError::Lost {
-                    host: 0,
-                    end: 0,
-                    by: super::LostBy::Snapshot,
+                self.taken.clear();
+                self.tracker.failed = Some(match &e {
+                    LiveError::Lost(lost) => lost.clone(),
+                    _ => TrackError::Lost {
+                        host: 0,
+                        end: 0,
+                        by: super::LostBy::Snapshot,
+                    },
                 });
-                Err(LiveError::Dump(e))
+                Err(e)
             }
         }
     }
@@ -478,5 +533,12 @@ impl Live<'_> {
 impl Drop for Live<'_> {
     fn drop(&mut self) {
         self.end();
+        // Not dumped: the pages the take found written are still to be snapshotted.
+        for s in std::mem::take(&mut self.taken) {
+            if let Span::Pages { addr, pages, .. } = s {
+                // Each span lies in one region (plans are made region by region).
+                let _ = self.tracker.mark_written(addr, pages);
+            }
+        }
     }
 }

@@ -77,7 +77,8 @@ impl LiveState {
     pub(super) fn keep(&mut self, r: usize, p: u64, buf: Box<[u8]>) {
         self.saved.insert((r, p), buf);
         self.saved_total += 1;
-        self.peak = self.peak.max(self.saved.len() as u64);
+        // Held: saved here, or taken by the dump for the entry it writes.
+        self.peak = self.peak.max(self.allocated - self.free.len() as u64);
     }
 }
 
