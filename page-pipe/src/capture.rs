@@ -103,6 +103,14 @@ pub enum CaptureError {
         /// Pages captured before it.
         captured: u64,
     },
+    /// The kernel moved no byte of the page at `addr` into its pipe and reported no
+    /// error (`vmsplice` or `write` returned 0).
+    NoProgress {
+        /// The first page not captured.
+        addr: u64,
+        /// Pages captured before it.
+        captured: u64,
+    },
 }
 
 impl fmt::Display for CaptureError {
@@ -118,6 +126,11 @@ impl fmt::Display for CaptureError {
             } => write!(
                 f,
                 "cannot capture page {addr:#x}: {errno} ({captured} pages were captured before it)"
+            ),
+            CaptureError::NoProgress { addr, captured } => write!(
+                f,
+                "cannot capture page {addr:#x}: the kernel moved nothing and gave no error \
+                 ({captured} pages were captured before it)"
             ),
         }
     }
@@ -280,17 +293,17 @@ impl<M: Mode, I: IovStore> PagePipe<M, I, KernelPipes> {
                             true,
                         ) => CapturePath::Copy,
                         (stopped, _, _) => {
-                            let errno = match stopped {
-                                Stopped::Errno(e) => e,
-                                Stopped::EndOfData => Errno::IO,
-                            };
                             let before = iovs.bytes(range.start..start) + done;
                             let page = before as u64 / ps;
                             let runs = &pp.runs()[b.first_run..b.first_run + b.nr_runs];
-                            return Err(CaptureError::Kernel {
-                                addr: nth_page(runs, page, ps),
-                                errno,
-                                captured: captured + page,
+                            let (addr, captured) = (nth_page(runs, page, ps), captured + page);
+                            return Err(match stopped {
+                                Stopped::Errno(errno) => CaptureError::Kernel {
+                                    addr,
+                                    errno,
+                                    captured,
+                                },
+                                Stopped::EndOfData => CaptureError::NoProgress { addr, captured },
                             });
                         }
                     };

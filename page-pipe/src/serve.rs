@@ -79,8 +79,9 @@ pub enum ServeError {
         /// The address.
         addr: u64,
     },
-    /// A dump failed part way through the pipe holding the page, so where its pages
-    /// start is unknown: it serves nothing more.
+    /// A dump failed part way through the pipe holding the page (or the pipe ended
+    /// before the bytes recorded in it), so where its pages start is unknown: it serves
+    /// nothing more.
     Lost {
         /// The address.
         addr: u64,
@@ -539,10 +540,10 @@ impl<M: Mode, I: IovStore> Captured<'_, M, I> {
                 capacity: dest.capacity,
             });
         }
-        let kernel = |op, p: page_pipe_sys::Partial| ServeError::Kernel {
-            addr,
-            op,
-            errno: p.errno().unwrap_or(Errno::IO),
+        // A pipe that ends before the books say it does has lost its pages.
+        let kernel = |op, p: page_pipe_sys::Partial| match p.errno() {
+            Some(errno) => ServeError::Kernel { addr, op, errno },
+            None => ServeError::Lost { addr },
         };
         let pipe = pp.pipe(b.slot);
         dest.pinned = b.pinned;

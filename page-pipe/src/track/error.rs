@@ -17,6 +17,8 @@ pub enum LostBy {
     Unprotect(Errno),
     /// The handler thread could not wait for or read events.
     Handler(Errno),
+    /// The handler thread panicked (a bug: please report it).
+    HandlerPanicked,
     /// An event the tracker did not ask for.
     Unexpected(u8),
     /// A background snapshot failed part way: the tracker was stopped with it, since the
@@ -104,15 +106,18 @@ pub enum TrackError {
         /// The errno.
         errno: Errno,
     },
-    /// `PAGEMAP_SCAN` failed (`EPERM`: part of the region is no longer registered with
-    /// asynchronous write-protection, e.g. it was unmapped and mapped again).
+    /// `PAGEMAP_SCAN` (or a read of `/proc/self/pagemap`) failed (`EPERM`: part of the
+    /// region is no longer registered with asynchronous write-protection, e.g. it was
+    /// unmapped and mapped again).
     Scan {
         /// Snapshot address of the region.
         addr: u64,
         /// Host address where the scan was.
         host: usize,
-        /// The errno.
-        errno: Errno,
+        /// The errno; `None` when the kernel answered without an error but without
+        /// progress either (nothing reported, nothing walked, or the end of
+        /// `/proc/self/pagemap` inside the region).
+        errno: Option<Errno>,
     },
     /// Tracking of part of the memory was lost (synchronous mode): take a full snapshot
     /// and start again.
@@ -205,6 +210,8 @@ impl fmt::Display for Name {
     }
 }
 
+/// The errno of an error from a system call (std makes those from the OS error, so the
+/// fallback is never taken in practice).
 pub(crate) fn io_errno(e: &std::io::Error) -> Errno {
     Errno::from_io_error(e).unwrap_or(Errno::IO)
 }
@@ -335,12 +342,12 @@ impl fmt::Display for TrackError {
                 Name(*errno)
             ),
             TrackError::Scan { addr, host, errno } => {
-                write!(
-                    f,
-                    "PAGEMAP_SCAN of region {addr:#x} at host {host:#x}: {}",
-                    Name(*errno)
-                )?;
-                if *errno == Errno::PERM {
+                write!(f, "PAGEMAP_SCAN of region {addr:#x} at host {host:#x}: ")?;
+                match errno {
+                    Some(e) => write!(f, "{}", Name(*e))?,
+                    None => f.write_str("the kernel made no progress")?,
+                }
+                if *errno == Some(Errno::PERM) {
                     f.write_str(
                         " (part of it is no longer registered with asynchronous write-protection: \
                          unmapped and mapped again?)",
@@ -362,6 +369,7 @@ impl fmt::Display for TrackError {
                     LostBy::Handler(e) => {
                         write!(f, "the fault handler thread failed: {}", Name(*e))?
                     }
+                    LostBy::HandlerPanicked => f.write_str("the fault handler thread panicked")?,
                     LostBy::Unexpected(ev) => write!(f, "unexpected userfaultfd event {ev:#x}")?,
                     LostBy::Snapshot => f.write_str("a background snapshot failed part way")?,
                 }

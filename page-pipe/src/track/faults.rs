@@ -351,7 +351,7 @@ impl SyncEngine {
             Some(Err(_)) => Err(TrackError::Lost {
                 host: 0,
                 end: 0,
-                by: LostBy::Handler(Errno::IO),
+                by: LostBy::HandlerPanicked,
             }),
             _ => Ok(()),
         }

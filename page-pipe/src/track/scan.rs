@@ -32,12 +32,12 @@ fn walk(
     ps: usize,
     mut arg: PmScanArg,
     mut f: impl FnMut(u64, u64, PageCategories),
-) -> Result<(), Errno> {
+) -> Result<(), Option<Errno>> {
     let (start, end) = (r.host as u64, (r.host + r.len) as u64);
     arg.start = start;
     arg.end = end;
     loop {
-        let n = pm.scan(&mut arg, out)?;
+        let n = pm.scan(&mut arg, out).map_err(Some)?;
         for reg in &out[..n] {
             // Never trust a range outside the one asked for.
             let (s, e) = (reg.start.max(start), reg.end.min(end));
@@ -54,7 +54,7 @@ fn walk(
         }
         if arg.walk_end <= arg.start && n == 0 {
             // No progress and nothing reported: a kernel answer we cannot go on from.
-            return Err(Errno::IO);
+            return Err(None);
         }
         arg.start = arg.walk_end;
     }
@@ -128,7 +128,7 @@ impl<'a> Presence<'a> {
         r: &Region,
         bits: &mut [u64],
         before_protect: bool,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), Option<Errno>> {
         let ps = page_pipe_sys::page_size().get();
         let Some(pm) = self.pm else {
             set_range(bits, 0, r.pages);
@@ -157,9 +157,12 @@ impl<'a> Presence<'a> {
         let mut page = 0u64;
         while page < r.pages {
             let n = (CHUNK as u64).min(r.pages - page) as usize;
-            let got = pm.read_entries(r.host + page as usize * ps, &mut entries[..n])?;
+            let got = pm
+                .read_entries(r.host + page as usize * ps, &mut entries[..n])
+                .map_err(Some)?;
             if got == 0 {
-                return Err(Errno::IO);
+                // The end of /proc/self/pagemap inside the region: no answer to go on from.
+                return Err(None);
             }
             for (k, e) in entries[..got].iter().enumerate() {
                 if e.present() || (before_protect && e.swapped()) {
