@@ -1014,7 +1014,7 @@ fn live(size: u64, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
         let mut w = ImageWriter::create(fresh_dir("live"), 1)
             .expect("create")
             .with_sync(false);
-        let rep = live.dump(&mut w, &lopts).expect("dump");
+        let rep = live.dump(&mut w).expect("dump");
         w.finish().expect("finish");
         quiet.push(rep.dump_time);
         peak = peak.max(rep.saved_peak_bytes);
@@ -1068,7 +1068,7 @@ fn live(size: u64, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
         let mut w = ImageWriter::create(fresh_dir("busy"), 1)
             .expect("create")
             .with_sync(false);
-        let rep = live.dump(&mut w, &lopts).expect("dump");
+        let rep = live.dump(&mut w).expect("dump");
         w.finish().expect("finish");
         stop.store(true, Ordering::Relaxed);
         writer.join().expect("writer");

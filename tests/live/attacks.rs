@@ -225,7 +225,7 @@ fn a_panicking_sink_releases_the_writers_and_loses_no_written_page() {
         assert!(n < 5, "the sink gives up");
         Ok(())
     });
-    let r = std::panic::catch_unwind(AssertUnwindSafe(|| live.dump(&mut sink, &opts)));
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| live.dump(&mut sink)));
     assert!(r.is_err(), "the sink's panic was swallowed");
     s.assert_writers_go_on(1000);
     let guard = s.pause.write().unwrap();
@@ -281,7 +281,7 @@ fn memory_discarded_during_the_dump_fails_it() {
         got.extend_from_slice(b);
         Ok(())
     });
-    let r = live.dump(&mut sink, &opts);
+    let r = live.dump(&mut sink);
     drop(sink);
     match r {
         Ok(_) => assert!(
@@ -413,7 +413,7 @@ fn lives_in_a_row(s: &Arc<Shared>, tracker: &mut Tracker, l: &Lives) {
         if kind == LiveKind::Incremental {
             wr = wr.with_parent(dir.path().join(format!("{i}"))).unwrap();
         }
-        let report = live.dump(&mut wr, &opts).unwrap();
+        let report = live.dump(&mut wr).unwrap();
         wr.finish().unwrap();
         saved += report.saved_pages;
         assert!(
@@ -669,7 +669,7 @@ fn mprotect_keeps_the_protection() {
             got.extend_from_slice(b);
             Ok(())
         });
-        let report = live.dump(&mut sink, &opts).unwrap();
+        let report = live.dump(&mut sink).unwrap();
         drop(sink);
         assert!(got == reference, "{off:?}: the image is not the instant");
         assert_eq!(report.saved_pages, 3, "{off:?}: {report:?}");
@@ -728,7 +728,7 @@ fn fork_during_the_dump() {
         got.extend_from_slice(b);
         Ok(())
     });
-    live.dump(&mut sink, &opts).unwrap();
+    live.dump(&mut sink).unwrap();
     drop(sink);
     assert!(forked);
     assert!(got == reference, "the image is not the instant");
@@ -766,7 +766,7 @@ fn stopping_with_writers_running_releases_them() {
             unsafe { tracker.live(LiveKind::Full, &opts) }.unwrap()
         };
         let mut sink = CallbackSink::new(|_: &PagemapEntry, _: &[u8]| Ok(()));
-        live.dump(&mut sink, &opts).unwrap();
+        live.dump(&mut sink).unwrap();
         drop(sink);
         s.assert_writers_go_on(1000);
         if stop {
@@ -813,7 +813,7 @@ fn the_saved_peak_counts_copies_being_written() {
         got.extend_from_slice(b);
         Ok(())
     });
-    let report = live.dump(&mut sink, &opts).unwrap();
+    let report = live.dump(&mut sink).unwrap();
     drop(sink);
     assert!(got == reference, "the image is not the instant");
     assert_eq!(report.saved_pages, 16, "{report:?}");
@@ -863,7 +863,7 @@ fn regions_in_the_other_order_in_memory() {
         if i > 0 {
             wr = wr.with_parent(dir.path().join("1")).unwrap();
         }
-        live.dump(&mut wr, &opts).unwrap();
+        live.dump(&mut wr).unwrap();
         wr.finish().unwrap();
         assert!(
             restored(&d, 2 * half * ps()) == reference,
@@ -890,11 +890,8 @@ fn unmapped_memory_refuses_the_next_live_snapshot() {
     let opts = LiveOptions::default();
     // SAFETY: as for `sync_tracker`; the mapping outlives the dump.
     let live = unsafe { tracker.live(LiveKind::Full, &opts) }.unwrap();
-    live.dump(
-        &mut CallbackSink::new(|_: &PagemapEntry, _: &[u8]| Ok(())),
-        &opts,
-    )
-    .unwrap();
+    live.dump(&mut CallbackSink::new(|_: &PagemapEntry, _: &[u8]| Ok(())))
+        .unwrap();
     let tail = mem.as_mut_ptr() as usize + (pages - 4) * ps();
     // SAFETY: the last 4 pages of the test's own mapping, which nothing uses any more;
     // `mem` is dropped only after the tracker and never touches them again.

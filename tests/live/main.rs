@@ -159,7 +159,7 @@ fn full_then_incremental(pages: usize, threads: usize, seed: u64, gap: Duration,
         if i == 1 {
             wr = wr.with_parent(dir.path().join("1")).unwrap();
         }
-        let report = live.dump(&mut wr, &opts).unwrap();
+        let report = live.dump(&mut wr).unwrap();
         wr.finish().unwrap();
         saved += report.saved_pages;
         if max_saved < 4 {
@@ -213,7 +213,10 @@ fn the_bound_on_saved_copies_makes_writers_wait_and_let_go() {
     let s = Shared::new(&mut mem);
     let opts = LiveOptions {
         max_saved_pages: 1,
-        ..LiveOptions::default()
+        snapshot: page_pipe::snapshot::SnapshotOptions {
+            max_pipe_pages: Some(16),
+            ..Default::default()
+        },
     };
     let (reference, live) = {
         let _p = s.pause.write().unwrap();
@@ -229,14 +232,7 @@ fn the_bound_on_saved_copies_makes_writers_wait_and_let_go() {
         got.push((e.vaddr, b.to_vec()));
         Ok(())
     });
-    let opts = LiveOptions {
-        snapshot: page_pipe::snapshot::SnapshotOptions {
-            max_pipe_pages: Some(16),
-            ..Default::default()
-        },
-        ..opts
-    };
-    let report = live.dump(&mut sink, &opts).unwrap();
+    let report = live.dump(&mut sink).unwrap();
     drop(sink);
     s.stop.store(true, Ordering::Relaxed);
     for t in w {
@@ -274,8 +270,15 @@ fn a_failing_sink_releases_the_writers_and_leaves_nothing_behind() {
         return;
     };
     let s = Shared::new(&mut mem);
+    let opts = LiveOptions {
+        snapshot: page_pipe::snapshot::SnapshotOptions {
+            max_pipe_pages: Some(16),
+            ..Default::default()
+        },
+        ..LiveOptions::default()
+    };
     // SAFETY: as for `sync_tracker`.
-    let live = unsafe { tracker.live(LiveKind::Full, &LiveOptions::default()) }.unwrap();
+    let live = unsafe { tracker.live(LiveKind::Full, &opts) }.unwrap();
     let w = writers(&s, 2, 5, Duration::ZERO);
     let mut n = 0;
     let mut sink = CallbackSink::new(|_: &PagemapEntry, _: &[u8]| {
@@ -287,14 +290,7 @@ fn a_failing_sink_releases_the_writers_and_leaves_nothing_behind() {
             Ok(())
         }
     });
-    let opts = LiveOptions {
-        snapshot: page_pipe::snapshot::SnapshotOptions {
-            max_pipe_pages: Some(16),
-            ..Default::default()
-        },
-        ..LiveOptions::default()
-    };
-    let err = live.dump(&mut sink, &opts).unwrap_err();
+    let err = live.dump(&mut sink).unwrap_err();
     drop(sink);
     assert!(matches!(err, LiveError::Dump(_)), "{err}");
     // The writers go on: every page can be written now.
@@ -383,7 +379,7 @@ fn every_sink_kind_gets_the_memory_at_the_instant() {
             v
         });
         let mut sink = page_pipe::FdSink::new(tx);
-        live.dump(&mut sink, &opts).unwrap();
+        live.dump(&mut sink).unwrap();
         drop(sink);
         assert!(
             reader.join().unwrap() == reference,
@@ -403,7 +399,7 @@ fn every_sink_kind_gets_the_memory_at_the_instant() {
             got.extend_from_slice(b);
             Ok(())
         });
-        live.dump(&mut cb, &opts).unwrap();
+        live.dump(&mut cb).unwrap();
         drop(cb);
         assert!(got == reference, "callback, chunk mode {chunk_mode}");
     }

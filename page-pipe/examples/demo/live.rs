@@ -158,7 +158,7 @@ pub fn run(args: &[String]) -> Result<(), Fail> {
         if i == 1 {
             w = w.with_parent(dir.join("1"))?;
         }
-        let report = live.dump(&mut w, &live_opts)?;
+        let report = live.dump(&mut w)?;
         let summary = w.finish()?;
         println!(
             "{:<12} {:>9} {:>10} {:>10} {:>10} {:>12} {:>14}",

@@ -304,6 +304,8 @@ pub struct Live<'t> {
     pause: Duration,
     /// The handler's fault count at the instant.
     faults_before: u64,
+    /// How the dump writes (from the options given to [`Tracker::live`]).
+    snapshot: SnapshotOptions,
     ended: bool,
 }
 
@@ -333,7 +335,7 @@ impl Tracker {
     /// let live = unsafe { tracker.live(LiveKind::Full, &LiveOptions::default()) }?;
     /// // ... writers resumed here ...
     /// let mut w = ImageWriter::create("snap/1", 1)?;
-    /// let report = live.dump(&mut w, &LiveOptions::default())?;
+    /// let report = live.dump(&mut w)?;
     /// w.finish()?;
     /// println!("paused {:?}, saved {} pages", report.pause, report.saved_pages);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -416,6 +418,7 @@ impl Tracker {
             taken,
             pause: t.elapsed(),
             faults_before,
+            snapshot: opts.snapshot.clone(),
             ended: false,
         })
     }
@@ -452,17 +455,14 @@ impl Live<'_> {
     }
 
     /// Writes the snapshot into `sink` while the program runs (see the
-    /// [ordering](crate::track::live)), with `opts.snapshot` (pages always straight from memory).
+    /// [ordering](crate::track::live)), as [`LiveOptions::snapshot`] given to
+    /// [`Tracker::live`] says (pages always straight from memory).
     ///
     /// # Errors
     /// [`LiveError::Dump`]: the sink failed, and so on; [`LiveError::Lost`]: memory was
     /// discarded, unmapped or moved during the dump, so the sink's image may not be the
     /// memory at the instant. The tracker is then stopped.
-    pub fn dump<S: DumpSink + ?Sized>(
-        mut self,
-        sink: &mut S,
-        opts: &LiveOptions,
-    ) -> Result<LiveReport, LiveError> {
+    pub fn dump<S: DumpSink + ?Sized>(mut self, sink: &mut S) -> Result<LiveReport, LiveError> {
         let regions = self
             .tracker
             .regions
@@ -484,7 +484,7 @@ impl Live<'_> {
             &mut Feed::Bytes(&mut bytes),
             self.plan.iter().copied(),
             sink,
-            &opts.snapshot,
+            &self.snapshot,
         );
         let dump_time = t.elapsed();
         // A discard lets its `madvise` caller go only once the handler has read its event
