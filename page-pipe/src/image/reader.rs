@@ -142,7 +142,7 @@ impl Image {
                 dir: dir.to_path_buf(),
             });
         }
-        seen.push(canon);
+        seen.push(canon.clone());
         // A parent holds the same id as its child when CRIU wrote both; else its one.
         let id = match id {
             Some(id)
@@ -200,8 +200,10 @@ impl Image {
         // `parent` is a link to a directory (CRIU makes it so): followed, the chain
         // bounded by `seen`.
         let link = dir.join("parent");
+        // Followed from this directory's resolved path, so that each lookup passes one
+        // link however deep the chain (the kernel follows at most 40 in one lookup).
         let parent = match std::fs::symlink_metadata(&link) {
-            Ok(_) => match Self::open_chain(&link, Some(id), page_size, seen) {
+            Ok(_) => match Self::open_chain(&canon.join("parent"), Some(id), page_size, seen) {
                 Ok(p) => Some(Box::new(p)),
                 Err(ImageError::Io { error, .. }) if first_parent.is_some() => {
                     return Err(ImageError::MissingParent {
