@@ -123,22 +123,30 @@ enum Cmd {
     },
 }
 
-/// What stopped a command: the message, and the exit status.
+/// What stopped a command: the message, the exit status, and whether it was only the
+/// reader of stdout going away (`| head`), which is not an error.
 struct Fail {
     msg: String,
     code: u8,
+    reader_gone: bool,
 }
 
 impl Fail {
-    fn error(e: &dyn std::error::Error) -> Self {
+    fn error(e: &(dyn std::error::Error + 'static)) -> Self {
+        // The commands write to stdout through `?` on a bare `io::Error`; every other
+        // error reaches here as a type of its own (a session that met EPIPE included).
+        let reader_gone = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
         Self {
             msg: chain(e),
             code: 2,
+            reader_gone,
         }
     }
 }
 
-impl<E: std::error::Error> From<E> for Fail {
+impl<E: std::error::Error + 'static> From<E> for Fail {
     fn from(e: E) -> Self {
         Fail::error(&e)
     }
@@ -186,7 +194,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         // A reader that went away (`| head`) is not an error.
-        Err(f) if f.msg.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(f) if f.reader_gone => ExitCode::SUCCESS,
         // A verdict already printed (diff found differences).
         Err(f) if f.msg.is_empty() => ExitCode::from(f.code),
         Err(f) => {
@@ -286,7 +294,7 @@ fn inspect(dir: &Path, json: bool, base: Option<u64>) -> Result<(), Fail> {
                 "lazy_pages": t.lazy,
             },
         });
-        serde_json::to_writer_pretty(&mut out, &doc).map_err(|e| Fail::error(&e))?;
+        serde_json::to_writer_pretty(&mut out, &doc).map_err(std::io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }
@@ -336,11 +344,13 @@ fn extract(dir: &Path, vaddr: u64, pages: u64, out: &Path, strict: bool) -> Resu
         return Err(Fail {
             msg: "--pages must be above 0".into(),
             code: 2,
+            reader_gone: false,
         });
     }
     let mut file = std::fs::File::create(out).map_err(|e| Fail {
         msg: format!("{}: {e}", out.display()),
         code: 2,
+        reader_gone: false,
     })?;
     // Read in pieces, so that a large request needs little memory.
     let piece = 1024u64;
@@ -359,6 +369,8 @@ fn extract(dir: &Path, vaddr: u64, pages: u64, out: &Path, strict: bool) -> Resu
         file.write_all(chunk).map_err(|e| Fail {
             msg: format!("{}: {e}", out.display()),
             code: 2,
+            // `--out /dev/stdout | head`, as for stdout itself.
+            reader_gone: e.kind() == std::io::ErrorKind::BrokenPipe,
         })?;
         total.present += r.present;
         total.from_parents += r.from_parents;
@@ -368,14 +380,15 @@ fn extract(dir: &Path, vaddr: u64, pages: u64, out: &Path, strict: bool) -> Resu
         progress.set_position(at);
     }
     progress.finish_and_clear();
-    println!(
+    writeln!(
+        std::io::stdout(),
         "{}: {pages} pages from {vaddr:#x}: {} from this image, {} from parents, {} zero (in no entry), {} lazy (not in the image, written as zeros)",
         out.display(),
         total.present,
         total.from_parents,
         total.zero,
         total.lazy
-    );
+    )?;
     Ok(())
 }
 
@@ -384,6 +397,7 @@ fn broken(e: &ImageError) -> Fail {
     Fail {
         msg: format!("verify: {}", chain(e)),
         code: 1,
+        reader_gone: false,
     }
 }
 
@@ -427,6 +441,7 @@ fn verify(dir: &Path) -> Result<(), Fail> {
                                 r.present
                             ),
                             code: 1,
+                            reader_gone: false,
                         });
                     }
                     at += n;
@@ -450,12 +465,14 @@ fn verify(dir: &Path) -> Result<(), Fail> {
                             s.vaddr
                         ),
                         code: 1,
+                        reader_gone: false,
                     });
                 }
             }
         }
         progress.suspend(|| {
-            println!(
+            writeln!(
+                std::io::stdout(),
                 "{}: {} entries; {} present pages read back, {} in the parent found there, {} lazy only",
                 img.pagemap_path().display(),
                 img.entries().len(),
@@ -463,15 +480,16 @@ fn verify(dir: &Path) -> Result<(), Fail> {
                 t.parent,
                 t.lazy
             )
-        });
+        })?;
     }
     progress.finish_and_clear();
-    println!(
+    writeln!(
+        std::io::stdout(),
         "verify: ok: a chain of {} image{}, {checked} pages ({}) read back",
         levels.len(),
         if levels.len() == 1 { "" } else { "s" },
         human(checked * ps)
-    );
+    )?;
     Ok(())
 }
 
@@ -494,7 +512,8 @@ fn flatten(src: &Path, dst: &Path, sync: bool) -> Result<(), Fail> {
     let t = std::time::Instant::now();
     let s = img.flatten(dst, &opts)?;
     progress.finish_and_clear();
-    println!(
+    writeln!(
+        std::io::stdout(),
         "{} (chain of {}) flattened into {}: {} entries, {} present pages ({}), {} lazy only, in {:.1} ms",
         src.display(),
         img.depth(),
@@ -504,7 +523,7 @@ fn flatten(src: &Path, dst: &Path, sync: bool) -> Result<(), Fail> {
         human(s.present_pages * img.page_size() as u64),
         s.lazy_pages,
         t.elapsed().as_secs_f64() * 1e3
-    );
+    )?;
     Ok(())
 }
 
@@ -542,6 +561,7 @@ fn diff(a: &Path, b: &Path) -> Result<(), Fail> {
     Err(Fail {
         msg: String::new(),
         code: 1,
+        reader_gone: false,
     })
 }
 
@@ -565,6 +585,7 @@ fn page_server(
             return Err(Fail {
                 msg: "page-server needs --port or --unix".into(),
                 code: 2,
+                reader_gone: false,
             });
         }
     };
@@ -573,7 +594,9 @@ fn page_server(
         (None, Some(p)) => format!("unix:{}", p.display()),
         (None, None) => "?".into(),
     };
-    println!(
+    // A closed stdout does not stop the server (println! would panic).
+    let _ = writeln!(
+        std::io::stdout(),
         "page-server: listening on {at}, images in {}",
         dir.display()
     );
@@ -583,7 +606,8 @@ fn page_server(
             .iter()
             .map(|i| format!("{} in {}", i.image, i.dir.display()))
             .collect();
-        println!(
+        let _ = writeln!(
+            std::io::stdout(),
             "page-server: session with {} committed {}",
             r.peer,
             images.join(", ")
@@ -599,6 +623,7 @@ fn page_server(
             Err(e) => Err(Fail {
                 msg: chain(&e),
                 code: 1,
+                reader_gone: false,
             }),
         };
     }
