@@ -89,6 +89,10 @@ impl Incoming {
     }
 }
 
+/// How long the accept loop waits before it tries again when `accept` fails for want of
+/// descriptors or memory (sooner when a session ends).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 #[derive(Debug)]
 enum Listener {
     Tcp(TcpListener),
@@ -307,7 +311,23 @@ impl PageServer {
             let incoming = match self.accept() {
                 Ok(c) => c,
                 // Nothing waiting any more, or a connection that went away meanwhile.
-                Err(_) => continue,
+                Err(ServerError::Accept { error })
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue;
+                }
+                // Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS): the connection
+                // stays queued and the listener readable, so wait a little (or until a
+                // session ends or the server stops) rather than spin on `accept`.
+                Err(_) => {
+                    let _ = page_pipe_sys::poll_readable(&[wake_r.as_fd()], Some(ACCEPT_RETRY));
+                    continue;
+                }
             };
             // Accepted sockets do not inherit the listener's non-blocking mode on Linux;
             // make sure, as the session relies on blocking calls with timeouts.
