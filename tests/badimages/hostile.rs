@@ -8,7 +8,7 @@ use std::time::Duration;
 use page_pipe::image::{Image, ImageError, ImageWriter, MAX_PARENT_DEPTH, PageFlags, Pagemap};
 use page_pipe_tests::TempDir;
 
-use super::{PS, bounded, e, entry_body, raw_pagemap};
+use super::{MAX_PAGEMAP_BYTES, PS, bounded, e, entry_body, raw_pagemap};
 
 /// `levels` image directories `top/1` .. `top/<levels>`, each `n` with a `parent` link
 /// to `../<n - 1>`: image 1 holds one page at `0x10000` (bytes 0x5a), every later one a
@@ -131,4 +131,44 @@ fn diff_of_images_claiming_huge_ranges_answers_at_once() {
             },
         ]
     );
+}
+
+/// A writer refuses to commit a pagemap larger than readers accept
+/// ([`MAX_PAGEMAP_BYTES`]): the push that passes the bound (or `finish`) fails with
+/// [`ImageError::TooLarge`] naming the pagemap, and nothing is committed; without the
+/// bound, the image would be committed and then refused by `Image::open`.
+#[test]
+#[ignore = "writes about 256 MiB of pagemap and takes about 10 s unoptimised; the unit test \
+            image::writer::tests::a_pagemap_past_the_readers_bound_is_refused guards the \
+            same rule with a small bound"]
+fn a_writer_refuses_a_pagemap_readers_would_refuse() {
+    let top = TempDir::new("huge-pagemap");
+    let dir = top.path().join("img");
+    let mut w = ImageWriter::create(&dir, 1)
+        .unwrap()
+        .with_sync(false)
+        .with_joining(false);
+    // Entries as large as they encode: addresses above 2^63 (ten-byte varints), counts
+    // of three-byte varints, with gaps between them.
+    let pages = (1 << 21) - 1;
+    let mut vaddr = 1u64 << 63;
+    let t = std::time::Instant::now();
+    let mut pushed = 0u64;
+    let err = loop {
+        match w.push(e(vaddr, pages, PageFlags::LAZY)) {
+            Ok(()) => {
+                pushed += 1;
+                vaddr += (pages + 1) * PS;
+            }
+            Err(err) => break err,
+        }
+        assert!(pushed < 20_000_000, "no error after {pushed} entries");
+    };
+    eprintln!("{pushed} entries in {:?}", t.elapsed());
+    assert!(
+        matches!(&err, ImageError::TooLarge { path, size } if path.ends_with("pagemap-1.img") && *size > MAX_PAGEMAP_BYTES),
+        "{err:?}"
+    );
+    assert!(w.finish().is_err());
+    assert!(!dir.join("pagemap-1.img").exists());
 }

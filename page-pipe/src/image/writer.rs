@@ -16,7 +16,9 @@ use super::files::{
     write_all_at,
 };
 use super::format::{CountFields, MAX_ENTRY_PAGES, encode_entry_counts, encode_head};
-use super::{PageFlags, PagemapEntry, pagemap_name, pages_name, shmem_pagemap_name};
+use super::{
+    MAX_PAGEMAP_BYTES, PageFlags, PagemapEntry, pagemap_name, pages_name, shmem_pagemap_name,
+};
 
 /// What an [`ImageWriter`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -79,6 +81,8 @@ pub struct ImageWriter {
     buf: Vec<u8>,
     /// Bytes of the pagemap file written.
     on_disk: u64,
+    /// The largest pagemap it writes: what readers accept ([`MAX_PAGEMAP_BYTES`]).
+    max_pagemap: u64,
     pages_off: u64,
     /// The first error: the writer takes nothing more and refuses to commit.
     failed: Option<ImageError>,
@@ -183,6 +187,7 @@ impl ImageWriter {
             parent_tmp: None,
             buf,
             on_disk: 0,
+            max_pagemap: MAX_PAGEMAP_BYTES,
             pages_off: 0,
             failed: None,
             pending: None,
@@ -631,6 +636,15 @@ impl ImageWriter {
 
     /// Writes the buffered messages to the temporary pagemap.
     fn flush_buf(&mut self) -> Result<(), ImageError> {
+        // A pagemap readers would refuse is never written, let alone committed.
+        let size = self.on_disk + self.buf.len() as u64;
+        if size > self.max_pagemap {
+            let err = ImageError::TooLarge {
+                path: self.pagemap_path.clone(),
+                size,
+            };
+            return Err(self.fail(err));
+        }
         match write_all_at(&self.pagemap, &self.buf, self.on_disk) {
             Ok(()) => {
                 self.on_disk += self.buf.len() as u64;
@@ -841,6 +855,48 @@ impl Drop for ImageWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pagemap that would pass the readers' bound fails the push that takes it past
+    /// (its buffer flushed), naming the pagemap; the writer then refuses to finish.
+    #[test]
+    fn a_pagemap_past_the_readers_bound_is_refused() {
+        let ps = page_pipe_sys::page_size().get() as u64;
+        let root = std::env::temp_dir().join(format!("pp-cap-{}", std::process::id()));
+        let mut w = ImageWriter::create(&root, 1).unwrap().with_sync(false);
+        w.max_pagemap = 1 << 20;
+        let mut pushed = 0u64;
+        let err = loop {
+            let e = PagemapEntry {
+                vaddr: 0x100000 + 2 * pushed * ps,
+                pages: 1,
+                flags: PageFlags::LAZY,
+            };
+            match w.push(e) {
+                Ok(()) => pushed += 1,
+                Err(err) => break err,
+            }
+            assert!(pushed < 1 << 20, "no error after {pushed} entries");
+        };
+        assert!(
+            matches!(&err, ImageError::TooLarge { path, size } if path.ends_with("pagemap-1.img") && *size > 1 << 20 && *size <= (1 << 20) + FLUSH_AT as u64 + 64),
+            "{err:?}"
+        );
+        assert!(matches!(w.finish(), Err(ImageError::TooLarge { .. })));
+        assert!(!root.join("pagemap-1.img").exists());
+        // Up to the bound, it commits.
+        let mut w = ImageWriter::create(&root, 1).unwrap().with_sync(false);
+        w.max_pagemap = 1 << 20;
+        for i in 0..pushed / 2 {
+            let e = PagemapEntry {
+                vaddr: 0x100000 + 2 * i * ps,
+                pages: 1,
+                flags: PageFlags::LAZY,
+            };
+            w.push(e).unwrap();
+        }
+        assert!(w.finish().unwrap().pagemap_bytes <= 1 << 20);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     /// Copies pages of a source file in the kernel and through the buffer, and a source
     /// too short for its pages fails the writer naming the source.
