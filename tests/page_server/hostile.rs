@@ -288,3 +288,92 @@ fn a_server_out_of_descriptors_waits_instead_of_spinning() {
     assert!(spent <= 10, "the accept thread ran {spent} ticks in 1 s");
     assert!(Image::open(dir.path()).is_ok());
 }
+
+/// Plays a hostile server: reads one header, then writes `reply` and closes.
+fn answers(reply: Vec<u8>) -> (PageServerClient, thread::JoinHandle<()>) {
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let t = thread::spawn(move || {
+        let mut h = [0u8; 32];
+        if b.read_exact(&mut h).is_ok() {
+            let _ = b.write_all(&reply);
+        }
+    });
+    (PageServerClient::from_unix(a).unwrap(), t)
+}
+
+/// The client against a server that answers garbage: each wrong reply is a typed
+/// error naming what it waited for, and the client refuses to go on out of step.
+#[test]
+fn the_client_refuses_garbage_replies() {
+    use page_pipe::page_server::ClientError;
+    use page_pipe::page_server::wire::WireErrorKind;
+    let img = ImageId::pagemap(1).unwrap();
+    let ps = page_size();
+    let bad_reply = |e: &ClientError, want: Expected| matches!(e, ClientError::Reply { error: WireErrorKind::BadReply { expected, .. }, .. } if *expected == want);
+
+    // OPEN2 answered with 7.
+    let (mut c, t) = answers(vec![7]);
+    let e = c.open(img).unwrap_err();
+    t.join().unwrap();
+    assert!(bad_reply(&e, Expected::Open2Reply), "{e}");
+    assert!(matches!(c.close(), Err(ClientError::Broken { .. })));
+
+    // PARENT answered with 2.
+    let (mut c, t) = answers(2i32.to_ne_bytes().to_vec());
+    let e = c.parent_has(img).unwrap_err();
+    t.join().unwrap();
+    assert!(bad_reply(&e, Expected::ParentReply), "{e}");
+
+    // CLOSE answered with -1: refused, not success.
+    let (c, t) = answers((-1i32).to_ne_bytes().to_vec());
+    let e = c.close().unwrap_err();
+    t.join().unwrap();
+    assert!(matches!(e, ClientError::Refused { status: -1, .. }), "{e}");
+
+    // CLOSE answered with two bytes, then the end: closed, naming the reply.
+    let (c, t) = answers(vec![0, 0]);
+    let e = c.close().unwrap_err();
+    t.join().unwrap();
+    assert!(
+        matches!(
+            e,
+            ClientError::Closed {
+                expected: Expected::CloseReply,
+                got: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // GET answered for another address, with more pages than asked, or cut short.
+    let vaddr = 0x10 * ps as u64;
+    let header = |vaddr: u64, pages: u64| page_pipe::page_server::wire::get_reply(1, vaddr, pages);
+    for (what, reply) in [
+        ("another address", header(vaddr + ps as u64, 1).to_vec()),
+        ("more pages", header(vaddr, 5).to_vec()),
+        ("no pages", header(vaddr, 0).to_vec()),
+        ("cut", [&header(vaddr, 2)[..], &vec![1u8; ps + 10]].concat()),
+    ] {
+        let (mut c, t) = answers(reply);
+        let mut buf = vec![0u8; 4 * ps];
+        let e = c.get(1, vaddr, &mut buf).unwrap_err();
+        t.join().unwrap();
+        if what == "cut" {
+            assert!(
+                matches!(e, ClientError::Closed { expected: Expected::Pages { entry }, got, .. } if entry.pages == 2 && got == ps + 10),
+                "{what}: {e}"
+            );
+        } else {
+            assert!(bad_reply(&e, Expected::GetReply), "{what}: {e}");
+        }
+        assert!(
+            e.to_string().contains("a Unix socket peer") || e.to_string().contains("unix"),
+            "{what}: {e}"
+        );
+        assert!(
+            matches!(c.get(1, vaddr, &mut buf), Err(ClientError::Broken { .. })),
+            "{what}"
+        );
+    }
+}
