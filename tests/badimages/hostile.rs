@@ -172,3 +172,29 @@ fn a_writer_refuses_a_pagemap_readers_would_refuse() {
     assert!(w.finish().is_err());
     assert!(!dir.join("pagemap-1.img").exists());
 }
+
+/// Only `pagemap-<id>.img` with the id in plain decimal is a pagemap: a name with a sign
+/// or a leading zero is not taken for another file (the error used to name a
+/// `pagemap-1.img` that is not there), and does not count as a second pagemap.
+#[test]
+fn pagemap_names_are_taken_only_as_written() {
+    let top = TempDir::new("names");
+    let only = top.path().join("only");
+    std::fs::create_dir(&only).unwrap();
+    for name in ["pagemap-+1.img", "pagemap-01.img"] {
+        std::fs::write(only.join(name), b"x").unwrap();
+    }
+    let err = Image::open(&only).unwrap_err();
+    assert!(
+        matches!(&err, ImageError::NoPagemap { found: 0, dir } if dir == &only),
+        "{err:?}"
+    );
+    let beside = top.path().join("beside");
+    let ps = PS as usize;
+    let mut w = ImageWriter::create(&beside, 1).unwrap().with_sync(false);
+    w.push_bytes(e(0x10000, 1, PageFlags::PRESENT), &vec![1; ps])
+        .unwrap();
+    w.finish().unwrap();
+    std::fs::write(beside.join("pagemap-01.img"), b"x").unwrap();
+    assert_eq!(Image::open(&beside).unwrap().id(), 1);
+}

@@ -22,6 +22,9 @@ fn find_pagemap(dir: &Path) -> Result<u64, ImageError> {
             .strip_prefix("pagemap-")
             .and_then(|s| s.strip_suffix(".img"))
             .and_then(|s| s.parse::<u64>().ok())
+            // Only the name the id is written as: `pagemap-+1.img` or `pagemap-01.img`
+            // would be taken for `pagemap-1.img`, a file that may not be there.
+            .filter(|&id| name == pagemap_name(id))
         {
             let t = ent.file_type().map_err(io_err(&ent.path(), FileOp::Stat))?;
             check_entry(&ent.path(), t)?;
