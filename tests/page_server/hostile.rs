@@ -377,3 +377,46 @@ fn the_client_refuses_garbage_replies() {
         );
     }
 }
+
+/// With [`Layout::Chain`](page_pipe::page_server::Layout::Chain), a directory already
+/// numbered `u64::MAX` leaves no number for the next session: a typed error naming the
+/// directory, no panic, and a running server keeps its session slot.
+#[test]
+fn a_chain_with_no_number_left_is_an_error_not_a_panic() {
+    use page_pipe::page_server::Layout;
+    let dir = TempDir::new("ps-chain-max");
+    std::fs::create_dir(dir.path().join(u64::MAX.to_string())).unwrap();
+    let cfg = ServerConfig {
+        layout: Layout::Chain,
+        max_sessions: 1,
+        ..config(dir.path())
+    };
+    let s = Message::Open2 {
+        image: ImageId::pagemap(1).unwrap(),
+    }
+    .to_vec();
+    let srv = PageServer::bind("127.0.0.1:0", cfg.clone()).unwrap();
+    let (r, replies) = session(&srv, |c| replay(c, &s, 1 << 16, Duration::ZERO));
+    let e = r.unwrap_err();
+    assert!(
+        matches!(&e.kind, SessionErrorKind::ChainFull { dir: d } if d == dir.path()),
+        "{e}"
+    );
+    assert!(replies.is_empty());
+    // The same through a running server with one slot: the slot comes back.
+    let running = PageServer::bind("127.0.0.1:0", cfg)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let addr = running.local_addr().unwrap();
+    for _ in 0..2 {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(&s).unwrap();
+        let out = running
+            .next_outcome(Duration::from_secs(5))
+            .expect("an outcome");
+        assert!(out.result.is_err());
+    }
+    let stats = running.stop();
+    assert_eq!((stats.sessions, stats.failed), (2, 2));
+}
