@@ -347,6 +347,18 @@ fn extract(dir: &Path, vaddr: u64, pages: u64, out: &Path, strict: bool) -> Resu
             reader_gone: false,
         });
     }
+    // Creating the output truncates it: never one of the files it reads from.
+    if let Some(file) = image_file(&img, out) {
+        return Err(Fail {
+            msg: format!(
+                "{}: is {} of the image; extract would truncate what it reads",
+                out.display(),
+                file.display()
+            ),
+            code: 2,
+            reader_gone: false,
+        });
+    }
     let mut file = std::fs::File::create(out).map_err(|e| Fail {
         msg: format!("{}: {e}", out.display()),
         code: 2,
@@ -390,6 +402,17 @@ fn extract(dir: &Path, vaddr: u64, pages: u64, out: &Path, strict: bool) -> Resu
         total.lazy
     )?;
     Ok(())
+}
+
+/// The file of `img`'s chain (pagemap or pages) that `path` is, through links too.
+fn image_file(img: &Image, path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let out = std::fs::metadata(path).ok()?;
+    (0..img.depth())
+        .filter_map(|d| img.ancestor(d))
+        .flat_map(|i| [i.pagemap_path(), i.pages_path()])
+        .find(|f| std::fs::metadata(f).is_ok_and(|m| m.dev() == out.dev() && m.ino() == out.ino()))
+        .map(Path::to_path_buf)
 }
 
 /// A problem `verify` found: exit status 1.

@@ -405,3 +405,35 @@ fn a_closed_stdout_is_not_an_error() {
         assert!(err.is_empty(), "{args:?}: {err}");
     }
 }
+
+/// `extract --out` naming a file of the image it reads (or a link to one) is refused
+/// before anything is truncated: the image stays whole.
+#[test]
+fn extract_never_truncates_the_image_it_reads() {
+    let dir = Scratch::copy_of_fixture("extract-onto-itself");
+    let d = dir.0.to_str().unwrap();
+    let link = dir.0.join("out-link");
+    std::os::unix::fs::symlink(dir.0.join("pages-1.img"), &link).unwrap();
+    for out in [
+        dir.0.join("pages-1.img"),
+        dir.0.join("pagemap-16426.img"),
+        link,
+    ] {
+        let o = run(&[
+            "extract",
+            d,
+            "--vaddr",
+            "55573d98e000",
+            "--pages",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{}: {err}", out.display());
+        assert!(err.contains(out.to_str().unwrap()), "{err}");
+        let v = run(&["verify", d]);
+        assert!(v.status.success(), "{}: {}", out.display(), text(&v.stderr));
+    }
+    std::fs::remove_file(dir.0.join("out-link")).unwrap();
+}
