@@ -420,3 +420,36 @@ fn a_chain_with_no_number_left_is_an_error_not_a_panic() {
     let stats = running.stop();
     assert_eq!((stats.sessions, stats.failed), (2, 2));
 }
+
+/// A session whose `CLOSE` fails commits none of its images: the reply is -1, and the
+/// directory holds no image of it. Here the second image cannot be committed (a
+/// directory sits at its pagemap's name); the first used to be committed before it.
+#[test]
+fn a_close_that_fails_commits_no_image_of_the_session() {
+    let dir = TempDir::new("ps-close-fails");
+    std::fs::create_dir(dir.path().join("pagemap-2.img")).unwrap();
+    let srv = server(dir.path());
+    let ps = page_size();
+    let mut s = Vec::new();
+    for id in [1, 2] {
+        let img = ImageId::pagemap(id).unwrap();
+        s.extend(Message::Open2 { image: img }.encode());
+        let e = PagemapEntry {
+            vaddr: 0x10 * ps as u64,
+            pages: 1,
+            flags: PageFlags::PRESENT,
+        };
+        s.extend(Message::add_f(img, e).encode());
+        s.extend(vec![id as u8; ps]);
+    }
+    s.extend(Message::Close.encode());
+    let (r, replies) = session(&srv, |c| replay(c, &s, 1 << 16, Duration::ZERO));
+    let e = r.unwrap_err();
+    assert!(matches!(e.kind, SessionErrorKind::Image { .. }), "{e}");
+    assert_eq!(replies, [0, 0, 0xff, 0xff, 0xff, 0xff]);
+    assert!(
+        !dir.path().join("pagemap-1.img").exists(),
+        "{:?}",
+        names(dir.path())
+    );
+}

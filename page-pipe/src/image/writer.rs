@@ -83,6 +83,8 @@ pub struct ImageWriter {
     on_disk: u64,
     /// The largest pagemap it writes: what readers accept ([`MAX_PAGEMAP_BYTES`]).
     max_pagemap: u64,
+    /// Whether [`prepare`](Self::prepare) ran: written out, synced, old pagemap gone.
+    prepared: bool,
     pages_off: u64,
     /// The first error: the writer takes nothing more and refuses to commit.
     failed: Option<ImageError>,
@@ -188,6 +190,7 @@ impl ImageWriter {
             buf,
             on_disk: 0,
             max_pagemap: MAX_PAGEMAP_BYTES,
+            prepared: false,
             pages_off: 0,
             failed: None,
             pending: None,
@@ -669,23 +672,7 @@ impl ImageWriter {
     /// then nothing is committed. [`ImageError::Io`] naming the file when writing,
     /// syncing or renaming fails; the pagemap is then not in place.
     pub fn finish(mut self) -> Result<ImageSummary, ImageError> {
-        if let Some(f) = &self.failed {
-            return Err(f.duplicate());
-        }
-        if let Some(p) = self.pending.take() {
-            self.encode(p);
-        }
-        self.flush_buf()?;
-        if self.sync {
-            self.pages
-                .sync_all()
-                .map_err(io_err(&self.pages_path, FileOp::Sync))?;
-            self.pagemap
-                .sync_all()
-                .map_err(io_err(&self.pagemap_path, FileOp::Sync))?;
-        }
-        remove_if_there(&self.pagemap_path)
-            .map_err(io_err(&self.pagemap_path, FileOp::RemoveOldPagemap))?;
+        self.prepare()?;
         let tmp = self.pages_tmp.as_ref().expect("renamed only here");
         std::fs::rename(tmp, &self.pages_path).map_err(io_err(&self.pages_path, FileOp::Commit))?;
         self.pages_tmp = None;
@@ -709,6 +696,42 @@ impl ImageWriter {
         }
         self.summary.pagemap_bytes = self.on_disk;
         Ok(self.summary)
+    }
+
+    /// The steps of [`finish`](Self::finish) that can fail for want of space or for
+    /// what sits at the image's names, before anything new takes a name: writes what
+    /// is pending, syncs both files (unless [`with_sync(false)`](Self::with_sync)), and
+    /// removes an old pagemap of the same name. A page server runs it for every image
+    /// of a session before it commits any, so that a session commits all its images or
+    /// (nearly always) none. Running it again does nothing; a failure fails the writer.
+    pub(crate) fn prepare(&mut self) -> Result<(), ImageError> {
+        if let Some(f) = &self.failed {
+            return Err(f.duplicate());
+        }
+        if self.prepared {
+            return Ok(());
+        }
+        if let Some(p) = self.pending.take() {
+            self.encode(p);
+        }
+        self.flush_buf()?;
+        if self.sync {
+            let r = self
+                .pages
+                .sync_all()
+                .map_err(io_err(&self.pages_path, FileOp::Sync))
+                .and_then(|()| {
+                    self.pagemap
+                        .sync_all()
+                        .map_err(io_err(&self.pagemap_path, FileOp::Sync))
+                });
+            r.map_err(|e| self.fail(e))?;
+        }
+        remove_if_there(&self.pagemap_path)
+            .map_err(io_err(&self.pagemap_path, FileOp::RemoveOldPagemap))
+            .map_err(|e| self.fail(e))?;
+        self.prepared = true;
+        Ok(())
     }
 
     /// What has been written so far (entries still pending are not counted).

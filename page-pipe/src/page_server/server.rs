@@ -10,7 +10,10 @@
 //!   from the pipe into the pages file (bytes already buffered, and short tails, are
 //!   written from the buffer). Nothing is allocated by what a peer claims.
 //! - The images of a session are committed at `CLOSE`, each atomically, and the reply
-//!   says whether they were (0) or not (-1). A session that ends any other way commits
+//!   says whether they were (0) or not (-1). Every image is first written out, synced
+//!   and its old pagemap removed; only when all of that succeeded is any renamed into
+//!   place, so a failure there commits none of them (only a failed rename, after
+//!   others, leaves those committed). A session that ends any other way commits
 //!   nothing: the writers remove their temporary files.
 //! - Every blocking call is bounded by the idle timeout, and the whole session by the
 //!   session timeout when one is set; a stopped server shuts its sessions' sockets.

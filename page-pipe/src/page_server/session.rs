@@ -619,7 +619,17 @@ impl Session<'_> {
     /// Commits the images, replies with the status, and (unless `force`) waits for the
     /// end of the stream.
     fn close(&mut self, force: bool) -> Result<(), SessionErrorKind> {
-        let mut failure = None;
+        // Everything that can fail for want of space or for what sits at an image's
+        // name, for every image, before any image is committed.
+        let mut failure = self.images.iter_mut().find_map(|p| {
+            p.writer
+                .prepare()
+                .err()
+                .map(|error| SessionErrorKind::Image {
+                    image: p.image,
+                    error: Box::new(error),
+                })
+        });
         for p in self.images.drain(..) {
             if failure.is_some() {
                 continue;
