@@ -453,3 +453,42 @@ fn a_close_that_fails_commits_no_image_of_the_session() {
         names(dir.path())
     );
 }
+
+/// A server that answers `OPEN2` and then stops reading: the client's send of a large
+/// entry times out naming the entry, instead of blocking for ever, and the client is
+/// then out of step (broken).
+#[test]
+fn a_server_that_stops_reading_times_the_client_out() {
+    use page_pipe::page_server::{ClientError, ClientOp};
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut c = PageServerClient::from_unix(a).unwrap();
+    c.set_timeout(Some(Duration::from_millis(200))).unwrap();
+    let peer = thread::spawn(move || {
+        let mut h = [0u8; 32];
+        b.read_exact(&mut h).unwrap();
+        b.write_all(&[0]).unwrap();
+        // Holds the socket open, reading nothing, until the client gives up.
+        thread::sleep(Duration::from_secs(2));
+    });
+    c.open(ImageId::pagemap(1).unwrap()).unwrap();
+    let ps = page_size();
+    let pages = 16 << 20 >> ps.trailing_zeros();
+    let e = PagemapEntry {
+        vaddr: 0x100 * ps as u64,
+        pages: pages as u64,
+        flags: PageFlags::PRESENT,
+    };
+    let t = Instant::now();
+    let err = c.send_entry(e, &vec![1u8; pages * ps]).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(
+        matches!(err, ClientError::Timeout { op: ClientOp::SendPages { entry }, after, .. } if entry == e && after == Duration::from_millis(200)),
+        "{err}"
+    );
+    assert!(matches!(
+        c.send_entry(e, &vec![1u8; pages * ps]),
+        Err(ClientError::Broken { .. })
+    ));
+    drop(c);
+    peer.join().unwrap();
+}
