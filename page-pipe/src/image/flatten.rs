@@ -10,7 +10,7 @@ use super::{Segment, SegmentKind};
 /// ```
 /// use page_pipe::image::FlattenOptions;
 /// assert!(FlattenOptions::default().sync);
-/// let fast = FlattenOptions { sync: false };
+/// let fast = FlattenOptions { sync: false, ..FlattenOptions::default() };
 /// # let _ = fast;
 /// ```
 #[derive(Clone)]
