@@ -198,3 +198,41 @@ fn pagemap_names_are_taken_only_as_written() {
     std::fs::write(beside.join("pagemap-01.img"), b"x").unwrap();
     assert_eq!(Image::open(&beside).unwrap().id(), 1);
 }
+
+/// Two images in one directory (as CRIU keeps one per process) each need a pages file
+/// of their own: a writer whose pages id is already named by another image's pagemap is
+/// refused, naming both, and the other image stays whole (it used to be committed over
+/// the other's pages file, which then restored the wrong bytes).
+#[test]
+fn a_writer_never_takes_another_image_s_pages_file() {
+    let dir = TempDir::new("shared-pages-id");
+    let ps = PS as usize;
+    let page = e(0x10000, 1, PageFlags::PRESENT);
+    let mut w = ImageWriter::create(dir.path(), 5).unwrap().with_sync(false);
+    w.push_bytes(page, &vec![5; ps]).unwrap();
+    w.finish().unwrap();
+    let err = ImageWriter::create(dir.path(), 7)
+        .and_then(|mut w| {
+            w.push_bytes(page, &vec![7; ps])?;
+            w.finish()
+        })
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("pages-1.img") && msg.contains("pagemap-5.img"),
+        "{msg}"
+    );
+    let img = Image::open_id(dir.path(), 5).unwrap();
+    let mut got = vec![0u8; ps];
+    img.read(0x10000, &mut got).unwrap();
+    assert!(got.iter().all(|&b| b == 5));
+    // Its own pages file, the image a writer replaces, is its to take.
+    let mut w = ImageWriter::create(dir.path(), 5).unwrap().with_sync(false);
+    w.push_bytes(page, &vec![6; ps]).unwrap();
+    w.finish().unwrap();
+    Image::open_id(dir.path(), 5)
+        .unwrap()
+        .read(0x10000, &mut got)
+        .unwrap();
+    assert!(got.iter().all(|&b| b == 6));
+}
