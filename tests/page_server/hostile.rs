@@ -87,10 +87,12 @@ fn stalled_peers_in_every_slot_only_delay_the_next_client() {
     .spawn()
     .unwrap();
     let addr = running.local_addr().unwrap();
+    // Timed from before the stalled peers connect: their sessions' idle time starts
+    // after that, so the next client cannot be answered sooner than `idle` from here.
+    let t = Instant::now();
     let stalled: Vec<_> = (0..2)
         .map(|_| std::net::TcpStream::connect(addr).unwrap())
         .collect();
-    let t = Instant::now();
     let mut c = PageServerClient::connect(addr, 9).unwrap();
     let waited = t.elapsed();
     let ps = page_size();
