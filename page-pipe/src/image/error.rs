@@ -228,14 +228,6 @@ pub enum ImageError {
         /// What was wrong with the parent link, if there is one.
         link: Option<io::Error>,
     },
-    /// The pages file an image writer would commit is named by another image's pagemap
-    /// in the same directory: committing would replace that image's pages.
-    PagesTaken {
-        /// The pages file.
-        pages: PathBuf,
-        /// The other image's pagemap.
-        by: PathBuf,
-    },
     /// The parent chain comes back to a directory it passed, or is deeper than
     /// [`MAX_PARENT_DEPTH`].
     ParentLoop {
@@ -365,12 +357,6 @@ impl fmt::Display for ImageError {
                     None => f.write_str(" (no parent link)"),
                 }
             }
-            ImageError::PagesTaken { pages, by } => write!(
-                f,
-                "{}: is the pages file of {}; each image in a directory needs a pages id of its own",
-                pages.display(),
-                by.display()
-            ),
             ImageError::ParentLoop { dir } => write!(
                 f,
                 "{}: the parent chain loops or is deeper than {MAX_PARENT_DEPTH}",
@@ -493,10 +479,6 @@ impl ImageError {
                 path: path.clone(),
                 entry: *entry,
                 link: link.as_ref().map(io),
-            },
-            ImageError::PagesTaken { pages, by } => ImageError::PagesTaken {
-                pages: pages.clone(),
-                by: by.clone(),
             },
             ImageError::ParentLoop { dir } => ImageError::ParentLoop { dir: dir.clone() },
             ImageError::NotInParent { path, vaddr } => ImageError::NotInParent {

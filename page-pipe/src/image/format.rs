@@ -110,21 +110,6 @@ pub(crate) struct PagemapEntryMsg {
 /// The most pages one entry may hold when written: both page count fields carry it.
 pub(crate) const MAX_ENTRY_PAGES: u64 = u32::MAX as u64;
 
-/// The `pages_id` a pagemap's first bytes name (its magics and `pagemap_head`), if they
-/// hold a well-formed head; `None` for anything else.
-pub(crate) fn head_pages_id(bytes: &[u8]) -> Option<u32> {
-    let word = |off: usize| {
-        let b = bytes.get(off..off + 4)?;
-        Some(u32::from_le_bytes(b.try_into().ok()?))
-    };
-    if word(0)? != IMG_COMMON_MAGIC || word(4)? != PAGEMAP_MAGIC {
-        return None;
-    }
-    let len = word(8)? as usize;
-    let body = bytes.get(12..12usize.checked_add(len)?)?;
-    PagemapHead::decode(body).ok()?.pages_id
-}
-
 /// Appends the image header and `pagemap_head`.
 pub(crate) fn encode_head(pages_id: u32, out: &mut Vec<u8>) {
     out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());

@@ -26,8 +26,7 @@
 //!   ([`ImageWriter::with_sync`] turns syncing off). A full image removes an old `parent`
 //!   link; an incremental one replaces it. A writer that met an error refuses to finish
 //!   with that first error, and commits nothing; a writer dropped without `finish`
-//!   removes its temporary files. It never commits over a pages file that another
-//!   image's pagemap in the directory names ([`ImageError::PagesTaken`]).
+//!   removes its temporary files.
 //! - It writes each entry's page count in both `compat_nr_pages` (field 2, which older
 //!   CRIU and `crit` read) and `nr_pages` (field 5, which CRIU 4.x reads), splitting
 //!   entries of more than `u32::MAX` pages; [`ImageWriter::with_count_fields`] writes

@@ -15,9 +15,7 @@ use super::files::{
     DIR_MODE, MAX_IO, create_temp, link_temp, read_exact_at, remove_if_there, sync_dir,
     write_all_at,
 };
-use super::format::{
-    CountFields, MAX_ENTRY_PAGES, encode_entry_counts, encode_head, head_pages_id,
-};
+use super::format::{CountFields, MAX_ENTRY_PAGES, encode_entry_counts, encode_head};
 use super::{
     MAX_PAGEMAP_BYTES, PageFlags, PagemapEntry, pagemap_name, pages_name, shmem_pagemap_name,
 };
@@ -671,11 +669,8 @@ impl ImageWriter {
     ///
     /// # Errors
     /// The first error the writer met, again (kind, errno and message), if one failed:
-    /// then nothing is committed. [`ImageError::PagesTaken`] when another image's
-    /// pagemap in the directory names the same pages file (each image in a directory,
-    /// as CRIU keeps one per process, needs a pages id of its own): nothing is
-    /// committed. [`ImageError::Io`] naming the file when writing, syncing or renaming
-    /// fails; the pagemap is then not in place.
+    /// then nothing is committed. [`ImageError::Io`] naming the file when writing,
+    /// syncing or renaming fails; the pagemap is then not in place.
     pub fn finish(mut self) -> Result<ImageSummary, ImageError> {
         self.prepare()?;
         let tmp = self.pages_tmp.as_ref().expect("renamed only here");
@@ -732,46 +727,11 @@ impl ImageWriter {
                 });
             r.map_err(|e| self.fail(e))?;
         }
-        if let Some(by) = self.pages_owner() {
-            let err = ImageError::PagesTaken {
-                pages: self.pages_path.clone(),
-                by,
-            };
-            return Err(self.fail(err));
-        }
         remove_if_there(&self.pagemap_path)
             .map_err(io_err(&self.pagemap_path, FileOp::RemoveOldPagemap))
             .map_err(|e| self.fail(e))?;
         self.prepared = true;
         Ok(())
-    }
-
-    /// Another image's pagemap in the directory that names this writer's pages id (the
-    /// pagemap this writer replaces is not another image). Pagemaps that cannot be read
-    /// name nothing.
-    fn pages_owner(&self) -> Option<PathBuf> {
-        let own = self.pagemap_path.file_name()?;
-        let list = std::fs::read_dir(&self.dir).ok()?;
-        list.flatten()
-            .filter(|ent| {
-                let name = ent.file_name();
-                let n = name.to_string_lossy();
-                name != own
-                    && n.starts_with("pagemap-")
-                    && n.ends_with(".img")
-                    && ent.file_type().is_ok_and(|t| t.is_file())
-            })
-            .map(|ent| ent.path())
-            .find(|path| {
-                let mut head = [0u8; 64];
-                let n = super::files::open_regular(path)
-                    .and_then(|(f, _)| {
-                        std::os::unix::fs::FileExt::read_at(&f, &mut head, 0)
-                            .map_err(io_err(path, FileOp::Read))
-                    })
-                    .unwrap_or(0);
-                head_pages_id(&head[..n]) == Some(self.pages_id)
-            })
     }
 
     /// What has been written so far (entries still pending are not counted).
