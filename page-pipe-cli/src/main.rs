@@ -149,22 +149,30 @@ enum Cmd {
     },
 }
 
-/// What stopped a command: the message, and the exit status.
+/// What stopped a command: the message, the exit status, and whether it was only the
+/// reader of stdout going away (`| head`), which is not an error.
 struct Fail {
     msg: String,
     code: u8,
+    reader_gone: bool,
 }
 
 impl Fail {
-    fn error(e: &dyn std::error::Error) -> Self {
+    fn error(e: &(dyn std::error::Error + 'static)) -> Self {
+        // The commands write to stdout through `?` on a bare `io::Error`; every other
+        // error reaches here as a type of its own (a session that met EPIPE included).
+        let reader_gone = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
         Self {
             msg: chain(e),
             code: 2,
+            reader_gone,
         }
     }
 }
 
-impl<E: std::error::Error> From<E> for Fail {
+impl<E: std::error::Error + 'static> From<E> for Fail {
     fn from(e: E) -> Self {
         Fail::error(&e)
     }
@@ -233,7 +241,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         // A reader that went away (`| head`) is not an error.
-        Err(f) if f.msg.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(f) if f.reader_gone => ExitCode::SUCCESS,
         // A verdict already printed (diff found differences).
         Err(f) if f.msg.is_empty() => ExitCode::from(f.code),
         Err(f) => {
@@ -333,7 +341,7 @@ fn inspect(dir: &Path, json: bool, base: Option<u64>) -> Result<(), Fail> {
                 "lazy_pages": t.lazy,
             },
         });
-        serde_json::to_writer_pretty(&mut out, &doc).map_err(|e| Fail::error(&e))?;
+        serde_json::to_writer_pretty(&mut out, &doc).map_err(std::io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }
@@ -383,11 +391,25 @@ fn extract(dir: &Path, vaddr: u64, pages: u64, out: &Path, strict: bool) -> Resu
         return Err(Fail {
             msg: "--pages must be above 0".into(),
             code: 2,
+            reader_gone: false,
+        });
+    }
+    // Creating the output truncates it: never one of the files it reads from.
+    if let Some(file) = image_file(&img, out) {
+        return Err(Fail {
+            msg: format!(
+                "{}: is {} of the image; extract would truncate what it reads",
+                out.display(),
+                file.display()
+            ),
+            code: 2,
+            reader_gone: false,
         });
     }
     let mut file = std::fs::File::create(out).map_err(|e| Fail {
         msg: format!("{}: {e}", out.display()),
         code: 2,
+        reader_gone: false,
     })?;
     // Read in pieces, so that a large request needs little memory.
     let piece = 1024u64;
@@ -406,6 +428,8 @@ fn extract(dir: &Path, vaddr: u64, pages: u64, out: &Path, strict: bool) -> Resu
         file.write_all(chunk).map_err(|e| Fail {
             msg: format!("{}: {e}", out.display()),
             code: 2,
+            // `--out /dev/stdout | head`, as for stdout itself.
+            reader_gone: e.kind() == std::io::ErrorKind::BrokenPipe,
         })?;
         total.present += r.present;
         total.from_parents += r.from_parents;
@@ -415,15 +439,27 @@ fn extract(dir: &Path, vaddr: u64, pages: u64, out: &Path, strict: bool) -> Resu
         progress.set_position(at);
     }
     progress.finish_and_clear();
-    println!(
+    writeln!(
+        std::io::stdout(),
         "{}: {pages} pages from {vaddr:#x}: {} from this image, {} from parents, {} zero (in no entry), {} lazy (not in the image, written as zeros)",
         out.display(),
         total.present,
         total.from_parents,
         total.zero,
         total.lazy
-    );
+    )?;
     Ok(())
+}
+
+/// The file of `img`'s chain (pagemap or pages) that `path` is, through links too.
+fn image_file(img: &Image, path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let out = std::fs::metadata(path).ok()?;
+    (0..img.depth())
+        .filter_map(|d| img.ancestor(d))
+        .flat_map(|i| [i.pagemap_path(), i.pages_path()])
+        .find(|f| std::fs::metadata(f).is_ok_and(|m| m.dev() == out.dev() && m.ino() == out.ino()))
+        .map(Path::to_path_buf)
 }
 
 /// A problem `verify` found: exit status 1.
@@ -431,6 +467,7 @@ fn broken(e: &ImageError) -> Fail {
     Fail {
         msg: format!("verify: {}", chain(e)),
         code: 1,
+        reader_gone: false,
     }
 }
 
@@ -474,6 +511,7 @@ fn verify(dir: &Path) -> Result<(), Fail> {
                                 r.present
                             ),
                             code: 1,
+                            reader_gone: false,
                         });
                     }
                     at += n;
@@ -497,12 +535,14 @@ fn verify(dir: &Path) -> Result<(), Fail> {
                             s.vaddr
                         ),
                         code: 1,
+                        reader_gone: false,
                     });
                 }
             }
         }
         progress.suspend(|| {
-            println!(
+            writeln!(
+                std::io::stdout(),
                 "{}: {} entries; {} present pages read back, {} in the parent found there, {} lazy only",
                 img.pagemap_path().display(),
                 img.entries().len(),
@@ -510,15 +550,16 @@ fn verify(dir: &Path) -> Result<(), Fail> {
                 t.parent,
                 t.lazy
             )
-        });
+        })?;
     }
     progress.finish_and_clear();
-    println!(
+    writeln!(
+        std::io::stdout(),
         "verify: ok: a chain of {} image{}, {checked} pages ({}) read back",
         levels.len(),
         if levels.len() == 1 { "" } else { "s" },
         human(checked * ps)
-    );
+    )?;
     Ok(())
 }
 
@@ -541,7 +582,8 @@ fn flatten(src: &Path, dst: &Path, sync: bool) -> Result<(), Fail> {
     let t = std::time::Instant::now();
     let s = img.flatten(dst, &opts)?;
     progress.finish_and_clear();
-    println!(
+    writeln!(
+        std::io::stdout(),
         "{} (chain of {}) flattened into {}: {} entries, {} present pages ({}), {} lazy only, in {:.1} ms",
         src.display(),
         img.depth(),
@@ -551,7 +593,7 @@ fn flatten(src: &Path, dst: &Path, sync: bool) -> Result<(), Fail> {
         human(s.present_pages * img.page_size() as u64),
         s.lazy_pages,
         t.elapsed().as_secs_f64() * 1e3
-    );
+    )?;
     Ok(())
 }
 
@@ -589,6 +631,7 @@ fn diff(a: &Path, b: &Path) -> Result<(), Fail> {
     Err(Fail {
         msg: String::new(),
         code: 1,
+        reader_gone: false,
     })
 }
 
@@ -612,6 +655,7 @@ fn page_server(
             return Err(Fail {
                 msg: "page-server needs --port or --unix".into(),
                 code: 2,
+                reader_gone: false,
             });
         }
     };
@@ -620,7 +664,9 @@ fn page_server(
         (None, Some(p)) => format!("unix:{}", p.display()),
         (None, None) => "?".into(),
     };
-    println!(
+    // A closed stdout does not stop the server (println! would panic).
+    let _ = writeln!(
+        std::io::stdout(),
         "page-server: listening on {at}, images in {}",
         dir.display()
     );
@@ -630,7 +676,8 @@ fn page_server(
             .iter()
             .map(|i| format!("{} in {}", i.image, i.dir.display()))
             .collect();
-        println!(
+        let _ = writeln!(
+            std::io::stdout(),
             "page-server: session with {} committed {}",
             r.peer,
             images.join(", ")
@@ -646,6 +693,7 @@ fn page_server(
             Err(e) => Err(Fail {
                 msg: chain(&e),
                 code: 1,
+                reader_gone: false,
             }),
         };
     }
@@ -672,7 +720,11 @@ fn receive(
 ) -> Result<(), Fail> {
     use page_pipe::migrate::{MemoryRegion, ReceiveOptions, receive};
     use page_pipe::page_server::Incoming;
-    let usage = |msg: String| Fail { msg, code: 2 };
+    let usage = |msg: String| Fail {
+        msg,
+        code: 2,
+        reader_gone: false,
+    };
     let ps = page_pipe::page_size() as u64;
     if !size.is_multiple_of(ps) || size == 0 {
         return Err(usage(format!(
@@ -693,7 +745,11 @@ fn receive(
         (Some(path), _) => {
             let l = std::os::unix::net::UnixListener::bind(path)
                 .map_err(|e| usage(format!("{}: cannot listen: {e}", path.display())))?;
-            println!("receive: listening on unix:{}", path.display());
+            let _ = writeln!(
+                std::io::stdout(),
+                "receive: listening on unix:{}",
+                path.display()
+            );
             let accepted = l.accept();
             let _ = std::fs::remove_file(path);
             let (s, _) = accepted.map_err(|e| usage(format!("{}: accept: {e}", path.display())))?;
@@ -703,7 +759,7 @@ fn receive(
             let l = std::net::TcpListener::bind((addr, port))
                 .map_err(|e| usage(format!("{addr}:{port}: cannot listen: {e}")))?;
             let at = l.local_addr()?;
-            println!("receive: listening on {at}");
+            let _ = writeln!(std::io::stdout(), "receive: listening on {at}");
             let (s, _) = l
                 .accept()
                 .map_err(|e| usage(format!("{at}: accept: {e}")))?;
@@ -715,9 +771,11 @@ fn receive(
     let report = receive(incoming, &mut region, &ReceiveOptions::default()).map_err(|e| Fail {
         msg: chain(&e),
         code: 1,
+        reader_gone: false,
     })?;
     for r in &report.rounds {
-        println!(
+        let _ = writeln!(
+            std::io::stdout(),
             "receive: round {}: {} pages ({}), {} named as already here",
             r.image,
             r.pages,
@@ -729,8 +787,11 @@ fn receive(
     write_memory_file(out, &map).map_err(|e| Fail {
         msg: format!("{}: {}", out.display(), chain(&e)),
         code: 2,
+        reader_gone: false,
     })?;
-    println!(
+    // A closed stdout does not undo a migration received whole.
+    let _ = writeln!(
+        std::io::stdout(),
         "receive: {} pages from {} in {} rounds into {} ({} bytes from {base:#x})",
         report.pages(),
         report.peer,

@@ -461,3 +461,119 @@ fn receive_leaves_no_file_when_the_session_fails() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("pages"), "{}", text(&o.stderr));
 }
+
+/// A session that fails because the peer stopped reading (the server's reply meets
+/// `EPIPE`) is a failed session: `--once` exits with status 1 and says so naming the
+/// peer, not 0 as for a reader of stdout that went away (`| head`).
+#[test]
+fn page_server_once_fails_when_the_peer_stops_reading() {
+    use page_pipe::page_server::wire::{ImageId, Message};
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = Scratch::new("ps-epipe");
+    let sock = dir.0.join("sock");
+    let images = dir.0.join("images");
+    let mut child = exe()
+        .args(["page-server", "--dir", images.to_str().unwrap()])
+        .args(["--unix", sock.to_str().unwrap(), "--once"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening"), "{line}");
+    let mut s = UnixStream::connect(&sock).unwrap();
+    // The server's sends to a Unix socket whose peer shut its reading side fail with
+    // EPIPE at once.
+    s.shutdown(std::net::Shutdown::Read).unwrap();
+    let open = Message::Open2 {
+        image: ImageId::pagemap(7).unwrap(),
+    };
+    s.write_all(&open.encode()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(s);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("unix:") && err.contains("Broken pipe"),
+        "{err}"
+    );
+    assert!(!images.join("pagemap-7.img").exists());
+}
+
+/// A reader of stdout that went away (`| head`) is not an error and never a panic: each
+/// command writing to a pipe whose reading end is closed exits 0 quietly.
+#[test]
+fn a_closed_stdout_is_not_an_error() {
+    let dir = Scratch::new("closed-stdout");
+    let f = fixture();
+    let f = f.to_str().unwrap();
+    let flat = dir.0.join("flat");
+    let flat = flat.to_str().unwrap();
+    let vaddr = "55573d98e000";
+    let cases: [&[&str]; 6] = [
+        &["inspect", f],
+        &["diff", f, f],
+        &["inspect", f, "--json"],
+        &["verify", f],
+        &["flatten", f, flat, "--no-sync"],
+        &[
+            "extract",
+            f,
+            "--vaddr",
+            vaddr,
+            "--pages",
+            "1",
+            "--out",
+            "/dev/null",
+        ],
+    ];
+    for args in cases {
+        let (r, w) = std::io::pipe().unwrap();
+        drop(r);
+        let out = exe()
+            .args(args)
+            .stdout(w)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
+
+/// `extract --out` naming a file of the image it reads (or a link to one) is refused
+/// before anything is truncated: the image stays whole.
+#[test]
+fn extract_never_truncates_the_image_it_reads() {
+    let dir = Scratch::copy_of_fixture("extract-onto-itself");
+    let d = dir.0.to_str().unwrap();
+    let link = dir.0.join("out-link");
+    std::os::unix::fs::symlink(dir.0.join("pages-1.img"), &link).unwrap();
+    for out in [
+        dir.0.join("pages-1.img"),
+        dir.0.join("pagemap-16426.img"),
+        link,
+    ] {
+        let o = run(&[
+            "extract",
+            d,
+            "--vaddr",
+            "55573d98e000",
+            "--pages",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{}: {err}", out.display());
+        assert!(err.contains(out.to_str().unwrap()), "{err}");
+        let v = run(&["verify", d]);
+        assert!(v.status.success(), "{}: {}", out.display(), text(&v.stderr));
+    }
+    std::fs::remove_file(dir.0.join("out-link")).unwrap();
+}

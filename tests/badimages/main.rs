@@ -4,6 +4,8 @@
 //! with memory bounded by the input. Special files (FIFOs, devices, sockets,
 //! directories) and symbolic links where image files belong are among the ways.
 
+mod hostile;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::process::{Command, Output};

@@ -4,6 +4,7 @@
 //! entries. Then round trips, faults on both ends, parents, `GET`, several clients.
 
 mod faults;
+mod hostile;
 mod sessions;
 
 use std::io::{Read, Write};

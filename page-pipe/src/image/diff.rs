@@ -78,9 +78,11 @@ impl Image {
     /// [`DiffKind`]). Empty when both restore the same pages to the same bytes, however
     /// their entries are cut and whatever their parents.
     ///
-    /// Both chains are read through their plans ([`plan`](Self::plan)), over the pages
-    /// either image's entries cover, 1 MiB of each at a time: its memory does not grow
-    /// with the images.
+    /// Both chains are planned ([`plan`](Self::plan)) over the pages either image's
+    /// entries cover, and only pages both hold as bytes are read, 1 MiB of each at a
+    /// time: the pages it holds in memory do not grow with the images, and its work
+    /// follows the bytes the pages files hold, not the address space entries claim (an
+    /// entry of 2^36 lazy pages costs what one page does).
     ///
     /// ```
     /// use page_pipe::image::{DiffKind, DiffSpan, Image, ImageWriter, PageFlags, PagemapEntry};
@@ -126,35 +128,35 @@ impl Image {
         let (mut buf_a, mut buf_b) = (vec![0u8; WINDOW], vec![0u8; WINDOW]);
         let opts = RestoreOptions::default();
         for (lo, hi) in covered(self, other) {
-            let mut at = lo;
-            while at < hi {
-                let len = (hi - at).min(WINDOW as u64);
-                let plan_a = self.plan(at, len, &opts)?;
-                let plan_b = other.plan(at, len, &opts)?;
-                let (a, b) = (&mut buf_a[..len as usize], &mut buf_b[..len as usize]);
-                self.fill(&plan_a.segments, at, a, None)?;
-                other.fill(&plan_b.segments, at, b, None)?;
-                for (from, to, ka, kb) in overlaps(&plan_a.segments, &plan_b.segments) {
-                    let kind = match (held(ka), held(kb)) {
-                        (Held::No, Held::No) | (Held::Lazy, Held::Lazy) => continue,
-                        (_, Held::No) => DiffKind::OnlyInA,
-                        (Held::No, _) => DiffKind::OnlyInB,
-                        (Held::Lazy, _) | (_, Held::Lazy) => DiffKind::Lazy,
-                        (Held::Bytes, Held::Bytes) => {
-                            let mut page = from;
-                            while page < to {
-                                let o = (page - at) as usize;
+            // The plans say where each side's pages are without reading any: only pages
+            // both sides hold as bytes are read, so the work follows the bytes the files
+            // hold, not the address space the entries claim.
+            let plan_a = self.plan(lo, hi - lo, &opts)?;
+            let plan_b = other.plan(lo, hi - lo, &opts)?;
+            for (from, to, ka, kb) in overlaps(&plan_a.segments, &plan_b.segments) {
+                let kind = match (held(ka), held(kb)) {
+                    (Held::No, Held::No) | (Held::Lazy, Held::Lazy) => continue,
+                    (_, Held::No) => DiffKind::OnlyInA,
+                    (Held::No, _) => DiffKind::OnlyInB,
+                    (Held::Lazy, _) | (_, Held::Lazy) => DiffKind::Lazy,
+                    (Held::Bytes, Held::Bytes) => {
+                        let mut at = from;
+                        while at < to {
+                            let len = (to - at).min(WINDOW as u64);
+                            let (a, b) = (&mut buf_a[..len as usize], &mut buf_b[..len as usize]);
+                            self.fill(&self.plan(at, len, &opts)?.segments, at, a, None)?;
+                            other.fill(&other.plan(at, len, &opts)?.segments, at, b, None)?;
+                            for o in (0..len as usize).step_by(ps) {
                                 if a[o..o + ps] != b[o..o + ps] {
-                                    push(page, ps as u64, DiffKind::Bytes);
+                                    push(at + o as u64, ps as u64, DiffKind::Bytes);
                                 }
-                                page += ps as u64;
                             }
-                            continue;
+                            at += len;
                         }
-                    };
-                    push(from, to - from, kind);
-                }
-                at += len;
+                        continue;
+                    }
+                };
+                push(from, to - from, kind);
             }
         }
         Ok(spans)

@@ -23,6 +23,9 @@ fn find_pagemap(dir: &Path) -> Result<u64, ImageError> {
             .strip_prefix("pagemap-")
             .and_then(|s| s.strip_suffix(".img"))
             .and_then(|s| s.parse::<u64>().ok())
+            // Only the name the id is written as: `pagemap-+1.img` or `pagemap-01.img`
+            // would be taken for `pagemap-1.img`, a file that may not be there.
+            .filter(|&id| name == pagemap_name(id))
         {
             let t = ent.file_type().map_err(io_err(&ent.path(), FileOp::Stat))?;
             check_entry(&ent.path(), t)?;
@@ -173,7 +176,7 @@ impl Image {
                 dir: dir.to_path_buf(),
             });
         }
-        seen.push(canon);
+        seen.push(canon.clone());
         // A parent holds the same id as its child when CRIU wrote both; else its one.
         let id = match id {
             Some(id)
@@ -191,7 +194,15 @@ impl Image {
             at,
         })?;
         drop(bytes);
-        let opened = Self::open_rest(dir, id, pagemap_path.clone(), pagemap, page_size, seen);
+        let opened = Self::open_rest(
+            dir,
+            &canon,
+            id,
+            pagemap_path.clone(),
+            pagemap,
+            page_size,
+            seen,
+        );
         // A writer committing over this image removes the old pagemap before it renames
         // anything else into place (`ImageWriter::finish`): if the pagemap read is still
         // under its name, the pages file and the parent link opened since are its own
@@ -205,8 +216,10 @@ impl Image {
 
     /// The rest of [`open_chain`](Self::open_chain), once the pagemap is read: the pages
     /// file and the parent chain.
+    #[allow(clippy::too_many_arguments)]
     fn open_rest(
         dir: &Path,
+        canon: &Path,
         id: u64,
         pagemap_path: PathBuf,
         pagemap: Pagemap,
@@ -253,8 +266,10 @@ impl Image {
         // `parent` is a link to a directory (CRIU makes it so): followed, the chain
         // bounded by `seen`.
         let link = dir.join("parent");
+        // Followed from this directory's resolved path, so that each lookup passes one
+        // link however deep the chain (the kernel follows at most 40 in one lookup).
         let parent = match std::fs::symlink_metadata(&link) {
-            Ok(_) => match Self::open_chain(&link, Some(id), page_size, seen) {
+            Ok(_) => match Self::open_chain(&canon.join("parent"), Some(id), page_size, seen) {
                 Ok(p) => Some(Box::new(p)),
                 Err(ImageError::Io { error, .. }) if first_parent.is_some() => {
                     return Err(ImageError::MissingParent {

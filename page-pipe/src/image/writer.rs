@@ -18,7 +18,12 @@ use super::files::{
 use super::format::{
     CountFields, MAX_ENTRY_PAGES, decode_pages_id, encode_entry_counts, encode_head,
 };
-use super::{PageFlags, PagemapEntry, pagemap_name, pages_name, shmem_pagemap_name};
+mod appender;
+pub use appender::PagesAppender;
+
+use super::{
+    MAX_PAGEMAP_BYTES, PageFlags, PagemapEntry, pagemap_name, pages_name, shmem_pagemap_name,
+};
 
 /// What an [`ImageWriter`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,6 +86,10 @@ pub struct ImageWriter {
     buf: Vec<u8>,
     /// Bytes of the pagemap file written.
     on_disk: u64,
+    /// The largest pagemap it writes: what readers accept ([`MAX_PAGEMAP_BYTES`]).
+    max_pagemap: u64,
+    /// Whether [`prepare`](Self::prepare) ran: written out, synced, old pagemap gone.
+    prepared: bool,
     pages_off: u64,
     /// The first error: the writer takes nothing more and refuses to commit.
     failed: Option<ImageError>,
@@ -187,6 +196,8 @@ impl ImageWriter {
             parent_tmp: None,
             buf,
             on_disk: 0,
+            max_pagemap: MAX_PAGEMAP_BYTES,
+            prepared: false,
             pages_off: 0,
             failed: None,
             pending: None,
@@ -484,13 +495,7 @@ impl ImageWriter {
             ..e
         };
         self.check(&e)?;
-        let left = e.pages * self.page_size as u64;
-        Ok(PagesAppender {
-            w: self,
-            e,
-            left,
-            done: false,
-        })
+        Ok(PagesAppender::new(self, e))
     }
 
     /// Adds a `PRESENT` entry whose pages are copied from `src` (whose path is
@@ -635,6 +640,15 @@ impl ImageWriter {
 
     /// Writes the buffered messages to the temporary pagemap.
     fn flush_buf(&mut self) -> Result<(), ImageError> {
+        // A pagemap readers would refuse is never written, let alone committed.
+        let size = self.on_disk + self.buf.len() as u64;
+        if size > self.max_pagemap {
+            let err = ImageError::TooLarge {
+                path: self.pagemap_path.clone(),
+                size,
+            };
+            return Err(self.fail(err));
+        }
         match write_all_at(&self.pagemap, &self.buf, self.on_disk) {
             Ok(()) => {
                 self.on_disk += self.buf.len() as u64;
@@ -660,25 +674,7 @@ impl ImageWriter {
     /// directory reads the pages file this one would replace; nothing is committed. [`ImageError::Io`] naming the file when writing,
     /// syncing or renaming fails; the pagemap is then not in place.
     pub fn finish(mut self) -> Result<ImageSummary, ImageError> {
-        if let Some(f) = &self.failed {
-            return Err(f.duplicate());
-        }
-        if let Some(p) = self.pending.take() {
-            self.encode(p);
-        }
-        self.flush_buf()?;
-        if self.sync {
-            self.pages
-                .sync_all()
-                .map_err(io_err(&self.pages_path, FileOp::Sync))?;
-            self.pagemap
-                .sync_all()
-                .map_err(io_err(&self.pagemap_path, FileOp::Sync))?;
-        }
-        self.check_pages_unshared()?;
-        self.check_parent_replaceable()?;
-        remove_if_there(&self.pagemap_path)
-            .map_err(io_err(&self.pagemap_path, FileOp::RemoveOldPagemap))?;
+        self.prepare()?;
         let tmp = self.pages_tmp.as_ref().expect("renamed only here");
         std::fs::rename(tmp, &self.pages_path).map_err(io_err(&self.pages_path, FileOp::Commit))?;
         self.pages_tmp = None;
@@ -755,132 +751,49 @@ impl ImageWriter {
         Err(io_err(&link, op)(eisdir))
     }
 
+    /// The steps of [`finish`](Self::finish) that can fail for want of space or for
+    /// what sits at the image's names, before anything new takes a name: writes what
+    /// is pending, syncs both files (unless [`with_sync(false)`](Self::with_sync)), checks
+    /// that the pages file may be replaced and the `parent` name taken, and removes an
+    /// old pagemap of the same name. A page server runs it for every image
+    /// of a session before it commits any, so that a session commits all its images or
+    /// (nearly always) none. Running it again does nothing; a failure fails the writer.
+    pub(crate) fn prepare(&mut self) -> Result<(), ImageError> {
+        if let Some(f) = &self.failed {
+            return Err(f.duplicate());
+        }
+        if self.prepared {
+            return Ok(());
+        }
+        if let Some(p) = self.pending.take() {
+            self.encode(p);
+        }
+        self.flush_buf()?;
+        if self.sync {
+            let r = self
+                .pages
+                .sync_all()
+                .map_err(io_err(&self.pages_path, FileOp::Sync))
+                .and_then(|()| {
+                    self.pagemap
+                        .sync_all()
+                        .map_err(io_err(&self.pagemap_path, FileOp::Sync))
+                });
+            r.map_err(|e| self.fail(e))?;
+        }
+        self.check_pages_unshared()
+            .and_then(|()| self.check_parent_replaceable())
+            .map_err(|e| self.fail(e))?;
+        remove_if_there(&self.pagemap_path)
+            .map_err(io_err(&self.pagemap_path, FileOp::RemoveOldPagemap))
+            .map_err(|e| self.fail(e))?;
+        self.prepared = true;
+        Ok(())
+    }
+
     /// What has been written so far (entries still pending are not counted).
     pub fn summary(&self) -> ImageSummary {
         self.summary
-    }
-}
-
-/// A `PRESENT` entry of an [`ImageWriter`] whose pages arrive in parts; made by
-/// [`ImageWriter::begin_pages`]. Its pages go into the pages file as they come; the entry
-/// is added by [`finish`](Self::finish) once all of them are in. Dropped before that, it
-/// fails its writer.
-#[derive(Debug)]
-pub struct PagesAppender<'w> {
-    w: &'w mut ImageWriter,
-    e: PagemapEntry,
-    left: u64,
-    done: bool,
-}
-
-impl PagesAppender<'_> {
-    /// The entry.
-    pub fn entry(&self) -> PagemapEntry {
-        self.e
-    }
-
-    /// Bytes of the entry's pages still to come.
-    pub fn left(&self) -> u64 {
-        self.left
-    }
-
-    /// Refuses a part that passes the end of the entry, and fails the writer.
-    fn take(&mut self, len: usize) -> Result<(), ImageError> {
-        if let Some(f) = &self.w.failed {
-            return Err(f.duplicate());
-        }
-        if len as u64 > self.left {
-            let err = ImageError::Order {
-                path: self.w.pagemap_path.clone(),
-                entry: self.e,
-            };
-            return Err(self.w.fail(err));
-        }
-        Ok(())
-    }
-
-    /// Moves the next `len` bytes of the entry's pages from the front of `pipe` into the
-    /// pages file with `splice`.
-    ///
-    /// # Errors
-    /// [`ImageError::Order`] when `len` passes the end of the entry; [`ImageError::Io`]
-    /// naming the pages file when the pages cannot all be written (the pipe holds too
-    /// few bytes, `ENOSPC`). The writer then refuses to finish.
-    pub fn append_from_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> Result<(), ImageError> {
-        self.take(len)?;
-        let w = &mut *self.w;
-        let mut off = w.pages_off;
-        let r = page_pipe_sys::splice_exact(
-            pipe,
-            None,
-            w.pages.as_fd(),
-            Some(&mut off),
-            len,
-            SpliceFlags::empty(),
-        );
-        if let Err(partial) = r {
-            let error = match partial.stopped {
-                Stopped::Errno(e) => io::Error::from(e),
-                Stopped::EndOfData => io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the pipe held {} of {len} bytes", partial.done),
-                ),
-            };
-            let err = io_err(&w.pages_path, FileOp::WritePages)(error);
-            return Err(w.fail(err));
-        }
-        w.pages_off = off;
-        self.left -= len as u64;
-        Ok(())
-    }
-
-    /// Writes the next `bytes.len()` bytes of the entry's pages into the pages file.
-    ///
-    /// # Errors
-    /// As [`append_from_pipe`](Self::append_from_pipe).
-    pub fn append_bytes(&mut self, bytes: &[u8]) -> Result<(), ImageError> {
-        self.take(bytes.len())?;
-        let w = &mut *self.w;
-        if let Err(error) = write_all_at(&w.pages, bytes, w.pages_off) {
-            let err = io_err(&w.pages_path, FileOp::WritePages)(error);
-            return Err(w.fail(err));
-        }
-        w.pages_off += bytes.len() as u64;
-        self.left -= bytes.len() as u64;
-        Ok(())
-    }
-
-    /// Adds the entry, once all its pages are in.
-    ///
-    /// # Errors
-    /// [`ImageError::Order`] when pages are missing (the writer then refuses to finish);
-    /// the writer's first error if it failed.
-    pub fn finish(mut self) -> Result<(), ImageError> {
-        self.done = true;
-        if let Some(f) = &self.w.failed {
-            return Err(f.duplicate());
-        }
-        if self.left != 0 {
-            let err = ImageError::Order {
-                path: self.w.pagemap_path.clone(),
-                entry: self.e,
-            };
-            return Err(self.w.fail(err));
-        }
-        self.w.record(self.e)
-    }
-}
-
-impl Drop for PagesAppender<'_> {
-    /// Fails the writer when the entry did not get all its pages.
-    fn drop(&mut self) {
-        if !self.done && self.w.failed.is_none() {
-            let err = ImageError::Order {
-                path: self.w.pagemap_path.clone(),
-                entry: self.e,
-            };
-            self.w.fail(err);
-        }
     }
 }
 
@@ -899,6 +812,48 @@ impl Drop for ImageWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pagemap that would pass the readers' bound fails the push that takes it past
+    /// (its buffer flushed), naming the pagemap; the writer then refuses to finish.
+    #[test]
+    fn a_pagemap_past_the_readers_bound_is_refused() {
+        let ps = page_pipe_sys::page_size().get() as u64;
+        let root = std::env::temp_dir().join(format!("pp-cap-{}", std::process::id()));
+        let mut w = ImageWriter::create(&root, 1).unwrap().with_sync(false);
+        w.max_pagemap = 1 << 20;
+        let mut pushed = 0u64;
+        let err = loop {
+            let e = PagemapEntry {
+                vaddr: 0x100000 + 2 * pushed * ps,
+                pages: 1,
+                flags: PageFlags::LAZY,
+            };
+            match w.push(e) {
+                Ok(()) => pushed += 1,
+                Err(err) => break err,
+            }
+            assert!(pushed < 1 << 20, "no error after {pushed} entries");
+        };
+        assert!(
+            matches!(&err, ImageError::TooLarge { path, size } if path.ends_with("pagemap-1.img") && *size > 1 << 20 && *size <= (1 << 20) + FLUSH_AT as u64 + 64),
+            "{err:?}"
+        );
+        assert!(matches!(w.finish(), Err(ImageError::TooLarge { .. })));
+        assert!(!root.join("pagemap-1.img").exists());
+        // Up to the bound, it commits.
+        let mut w = ImageWriter::create(&root, 1).unwrap().with_sync(false);
+        w.max_pagemap = 1 << 20;
+        for i in 0..pushed / 2 {
+            let e = PagemapEntry {
+                vaddr: 0x100000 + 2 * i * ps,
+                pages: 1,
+                flags: PageFlags::LAZY,
+            };
+            w.push(e).unwrap();
+        }
+        assert!(w.finish().unwrap().pagemap_bytes <= 1 << 20);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     /// Copies pages of a source file in the kernel and through the buffer, and a source
     /// too short for its pages fails the writer naming the source.

@@ -158,6 +158,12 @@ pub enum SessionErrorKind {
         /// The error.
         error: io::Error,
     },
+    /// With [`Layout::Chain`](super::Layout::Chain): the session directories' numbers
+    /// reached `u64::MAX`, so there is none for another session.
+    ChainFull {
+        /// The image directory.
+        dir: PathBuf,
+    },
     /// The server was stopped.
     Stopped,
 }
@@ -213,6 +219,12 @@ impl fmt::Display for SessionErrorKind {
             SessionErrorKind::Dir { path, .. } => {
                 write!(f, "cannot make the directory {}", path.display())
             }
+            SessionErrorKind::ChainFull { dir } => write!(
+                f,
+                "{}: a session directory is numbered {}, so no number is left for another",
+                dir.display(),
+                u64::MAX
+            ),
             SessionErrorKind::Stopped => f.write_str("the server was stopped"),
         }
     }

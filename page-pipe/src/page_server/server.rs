@@ -10,7 +10,10 @@
 //!   from the pipe into the pages file (bytes already buffered, and short tails, are
 //!   written from the buffer). Nothing is allocated by what a peer claims.
 //! - The images of a session are committed at `CLOSE`, each atomically, and the reply
-//!   says whether they were (0) or not (-1). A session that ends any other way commits
+//!   says whether they were (0) or not (-1). Every image is first written out, synced
+//!   and its old pagemap removed; only when all of that succeeded is any renamed into
+//!   place, so a failure there commits none of them (only a failed rename, after
+//!   others, leaves those committed). A session that ends any other way commits
 //!   nothing: the writers remove their temporary files.
 //! - Every blocking call is bounded by the idle timeout, and the whole session by the
 //!   session timeout when one is set; a stopped server shuts its sessions' sockets.
@@ -102,6 +105,10 @@ impl Incoming {
         &self.peer
     }
 }
+
+/// How long the accept loop waits before it tries again when `accept` fails for want of
+/// descriptors or memory (sooner when a session ends).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 enum Listener {
@@ -348,7 +355,23 @@ impl PageServer {
             let incoming = match self.accept() {
                 Ok(c) => c,
                 // Nothing waiting any more, or a connection that went away meanwhile.
-                Err(_) => continue,
+                Err(ServerError::Accept { error })
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue;
+                }
+                // Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS): the connection
+                // stays queued and the listener readable, so wait a little (or until a
+                // session ends or the server stops) rather than spin on `accept`.
+                Err(_) => {
+                    let _ = page_pipe_sys::poll_readable(&[wake_r.as_fd()], Some(ACCEPT_RETRY));
+                    continue;
+                }
             };
             // Accepted sockets do not inherit the listener's non-blocking mode on Linux;
             // make sure, as the session relies on blocking calls with timeouts.

@@ -420,10 +420,11 @@ impl Session<'_> {
                     .unwrap_or_else(PoisonError::into_inner);
                 loop {
                     let n = *next;
-                    *next += 1;
                     let dir = c.dir.join(n.to_string());
                     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
                         Ok(()) => {
+                            // Past u64::MAX the next session finds this one and stops.
+                            *next = n.saturating_add(1);
                             let prev = n
                                 .checked_sub(1)
                                 .filter(|&p| p > 0)
@@ -432,7 +433,13 @@ impl Session<'_> {
                             self.chain = Some((dir, prev));
                             return Ok(self.chain.clone().expect("set above"));
                         }
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                            *next =
+                                n.checked_add(1)
+                                    .ok_or_else(|| SessionErrorKind::ChainFull {
+                                        dir: c.dir.clone(),
+                                    })?;
+                        }
                         Err(error) => return Err(SessionErrorKind::Dir { path: dir, error }),
                     }
                 }
@@ -612,7 +619,17 @@ impl Session<'_> {
     /// Commits the images, replies with the status, and (unless `force`) waits for the
     /// end of the stream.
     fn close(&mut self, force: bool) -> Result<(), SessionErrorKind> {
-        let mut failure = None;
+        // Everything that can fail for want of space or for what sits at an image's
+        // name, for every image, before any image is committed.
+        let mut failure = self.images.iter_mut().find_map(|p| {
+            p.writer
+                .prepare()
+                .err()
+                .map(|error| SessionErrorKind::Image {
+                    image: p.image,
+                    error: Box::new(error),
+                })
+        });
         for p in self.images.drain(..) {
             if failure.is_some() {
                 continue;
