@@ -56,6 +56,10 @@
 //! [`page_server`] speaks CRIU's page-server
 //! protocol, to stream a dump to another host and to receive one.
 //!
+//! [`lazy`] restores an image lazily (post-copy): the memory is usable at once, and each
+//! page comes in with userfaultfd on its first touch, from a local image chain or a page
+//! server, while the rest is brought in the background.
+//!
 //! # Thread safety
 //!
 //! Every type is `Send` where its parts are: a [`PagePipe`] over [`KernelPipes`], a
@@ -75,6 +79,7 @@ pub mod capture;
 pub mod dump;
 pub mod guide;
 pub mod image;
+pub mod lazy;
 pub mod mode;
 pub mod page_pipe;
 pub mod page_server;

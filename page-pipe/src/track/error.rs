@@ -140,8 +140,9 @@ pub enum TrackError {
     },
 }
 
-/// An errno as `EBUSY (Device or resource busy)`, for the errors' messages.
-struct Name(Errno);
+/// An errno as `EBUSY (Device or resource busy)`, for the errors' messages (this
+/// module's and [`lazy`](crate::lazy)'s).
+pub(crate) struct Name(pub(crate) Errno);
 
 impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
