@@ -70,6 +70,9 @@ mod workloads;
 #[path = "../benches/workloads/track.rs"]
 mod track_workloads;
 
+#[path = "bench_rows/lazy.rs"]
+mod lazy_rows;
+
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
@@ -230,6 +233,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if std::env::args().any(|a| a == "--live") {
         return live(size, runs);
+    }
+    if std::env::args().any(|a| a == "--lazy") {
+        return lazy_rows::rows(size, runs);
     }
     #[cfg(feature = "vm-memory")]
     if std::env::args().any(|a| a == "--vm") {
