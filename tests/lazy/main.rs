@@ -210,15 +210,27 @@ fn write_chain(root: &Path, levels: &[Vec<Held>]) -> Vec<PathBuf> {
 }
 
 fn options() -> impl Strategy<Value = LazyOptions> {
-    (1u64..=20, any::<bool>(), 1u64..=70, 1usize..=3).prop_map(
-        |(fault_pages, prefetch, prefetch_pages, prefetch_threads)| LazyOptions {
-            fault_pages,
-            prefetch,
-            prefetch_pages,
-            prefetch_threads,
-            ..LazyOptions::default()
-        },
+    (
+        1u64..=20,
+        any::<bool>(),
+        1u64..=70,
+        1usize..=3,
+        prop_oneof![Just(0u64), Just(50)],
+        proptest::option::of(Just(0usize)),
     )
+        .prop_map(
+            |(fault_pages, prefetch, prefetch_pages, prefetch_threads, spin, fault_cpu)| {
+                LazyOptions {
+                    fault_pages,
+                    prefetch,
+                    prefetch_pages,
+                    prefetch_threads,
+                    spin: Duration::from_micros(spin),
+                    fault_cpu,
+                    ..LazyOptions::default()
+                }
+            },
+        )
 }
 
 /// Restores `pages` pages from `vaddr` lazily from `source` with `opts`, touching them
@@ -678,6 +690,12 @@ fn stop_and_drop_release_waiting_threads() {
         let n = rustix::io::read(theirs.as_fd(), &mut head).unwrap();
         assert_eq!(n, 32, "a GET");
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        assert!(!r.is_finished() && !r.wait_timeout(Duration::from_millis(10)));
+        let so_far = r.report();
+        assert_eq!(
+            (so_far.faults, so_far.pages_in, so_far.complete),
+            (1, 0, false)
+        );
         let report = if by_drop {
             drop(r);
             None
