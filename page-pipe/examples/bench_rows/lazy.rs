@@ -82,6 +82,8 @@ fn us(d: Duration) -> String {
 struct Placement {
     times: Vec<Duration>,
     report: Option<LazyReport>,
+    /// Faults a baseline handler served.
+    faults: Option<u64>,
 }
 
 /// Our fault service: a lazy restore with `opts`, random touches from a thread pinned
@@ -132,7 +134,8 @@ fn baseline(
     pages_file: &Path,
     len: usize,
     prefetch_step: Option<usize>,
-) -> Result<Vec<Duration>, Box<dyn Error>> {
+    cpus: Option<(usize, usize)>,
+) -> Result<(Vec<Duration>, u64), Box<dyn Error>> {
     let ps = page_pipe::page_size();
     let pages = len / ps;
     let file = std::fs::File::open(pages_file)?;
@@ -149,10 +152,14 @@ fn baseline(
     let (u, d) = (Arc::clone(&uffd), Arc::clone(&done));
     let read = stop.read;
     let handler = std::thread::spawn(move || {
+        if let Some((c, _)) = cpus {
+            pin(c);
+        }
         let step = prefetch_step.unwrap_or(0);
         let mut buf = vec![0u8; step.max(1) * ps];
         let mut events = Vec::new();
         let mut next = 0usize;
+        let mut faults = 0u64;
         // Copies pages `p..p + n` from the file; pages already there are skipped.
         let fill = |p: usize, n: usize, buf: &mut [u8]| {
             let b = &mut buf[..n * ps];
@@ -190,6 +197,7 @@ fn baseline(
                 Ok(_) => {
                     for ev in events.drain(..) {
                         if let UffdEvent::Pagefault { address, .. } = ev {
+                            faults += 1;
                             fill((address as usize - host) / ps, 1, &mut buf);
                         }
                     }
@@ -205,19 +213,26 @@ fn baseline(
                 continue;
             }
             if d.load(Ordering::Acquire) || !u.wait(&read).expect("poll") {
-                return;
+                return faults;
             }
         }
     });
-    let times = random_touches(host, pages as u64, ps);
+    let times = std::thread::spawn(move || {
+        if let Some((_, c)) = cpus {
+            pin(c);
+        }
+        random_touches(host, pages as u64, ps)
+    })
+    .join()
+    .map_err(|_| "the touching thread panicked")?;
     done.store(true, Ordering::Release);
     let _ = uffd.unregister(host, len);
     drop(stop.write);
-    handler
+    let faults = handler
         .join()
         .map_err(|_| "the baseline handler panicked")?;
     drop(dst);
-    Ok(times)
+    Ok((times, faults))
 }
 
 pub fn rows(size: u64, runs: usize) -> Result<(), Box<dyn Error>> {
@@ -231,11 +246,12 @@ pub fn rows(size: u64, runs: usize) -> Result<(), Box<dyn Error>> {
     let pages_file = dir.join("pages-1.img");
     println!(
         "{} MiB ({} pages of {ps} bytes); median of {runs} runs; {} random first touches per \
-         fault-service figure; machine: {} cpus",
+         fault-service figure; machine: {} cpus, load average {}",
         len >> 20,
         r.pages,
         TOUCHES,
-        std::thread::available_parallelism()?
+        std::thread::available_parallelism()?,
+        loadavg()
     );
 
     // Is there a userfaultfd at all?
@@ -361,26 +377,58 @@ pub fn rows(size: u64, runs: usize) -> Result<(), Box<dyn Error>> {
                 Ok(Placement {
                     times,
                     report: Some(report),
+                    faults: None,
                 })
             }),
         ));
     };
+    // Each design free to run where the scheduler puts it, then with the faulting thread
+    // on CPU 1 and the handler on CPU 0 (where the scheduler puts them when the machine
+    // is otherwise idle), or both on CPU 1.
     add(
         &mut cases,
-        "ours, prefetch on (default): touches that waited",
+        "ours, prefetch on (default), free",
         LazyOptions::default(),
         None,
     );
     add(
         &mut cases,
-        "ours, prefetch off, fault thread not pinned",
-        no_prefetch,
+        "ours, prefetch on, fault_pages 1, free",
+        LazyOptions {
+            fault_pages: 1,
+            ..LazyOptions::default()
+        },
+        None,
+    );
+    add(&mut cases, "ours, prefetch off, free", no_prefetch, None);
+    add(
+        &mut cases,
+        "ours, prefetch off, spinning 200 us after each fault, free",
+        LazyOptions {
+            spin: Duration::from_micros(200),
+            ..no_prefetch
+        },
         None,
     );
     if cpus > 1 {
         add(
             &mut cases,
-            "ours, prefetch off, fault thread and toucher pinned to CPU 1",
+            "ours, prefetch on, toucher on CPU 1 (our threads free)",
+            LazyOptions::default(),
+            Some(1),
+        );
+        add(
+            &mut cases,
+            "ours, prefetch on, fault thread and toucher on CPU 1",
+            LazyOptions {
+                fault_cpu: Some(1),
+                ..LazyOptions::default()
+            },
+            Some(1),
+        );
+        add(
+            &mut cases,
+            "ours, prefetch off, fault thread and toucher on CPU 1",
             LazyOptions {
                 fault_cpu: Some(1),
                 ..no_prefetch
@@ -397,44 +445,42 @@ pub fn rows(size: u64, runs: usize) -> Result<(), Box<dyn Error>> {
             Some(1),
         );
     }
-    add(
-        &mut cases,
-        "ours, prefetch off, spinning 200 us after each fault",
-        LazyOptions {
-            spin: Duration::from_micros(200),
-            ..no_prefetch
-        },
+    let mut base_case = |what: &str, step: Option<usize>, pinned: Option<(usize, usize)>| {
+        let pf = pages_file.clone();
+        cases.push((
+            what.to_string(),
+            Box::new(move || {
+                let (times, faults) = baseline(&pf, len, step, pinned)?;
+                Ok(Placement {
+                    times,
+                    report: None,
+                    faults: Some(faults),
+                })
+            }),
+        ));
+    };
+    base_case(
+        "baseline: one sleeping handler thread, pread + COPY per fault, free",
+        None,
         None,
     );
-    add(
-        &mut cases,
-        "ours, prefetch on, fault_pages 1",
-        LazyOptions {
-            fault_pages: 1,
-            ..LazyOptions::default()
-        },
+    base_case(
+        "baseline: one thread, faults between prefetch steps of 64 pages, free",
+        Some(64),
         None,
     );
-    let pf = pages_file.clone();
-    cases.push((
-        "baseline: one sleeping handler thread, pread + UFFDIO_COPY per fault".into(),
-        Box::new(move || {
-            Ok(Placement {
-                times: baseline(&pf, len, None)?,
-                report: None,
-            })
-        }),
-    ));
-    let pf = pages_file.clone();
-    cases.push((
-        "baseline: one thread, faults between prefetch steps of 64 pages".into(),
-        Box::new(move || {
-            Ok(Placement {
-                times: baseline(&pf, len, Some(64))?,
-                report: None,
-            })
-        }),
-    ));
+    if cpus > 1 {
+        base_case(
+            "baseline: one sleeping handler thread on CPU 0, toucher on CPU 1",
+            None,
+            Some((0, 1)),
+        );
+        base_case(
+            "baseline: one thread with prefetch steps on CPU 0, toucher on CPU 1",
+            Some(64),
+            Some((0, 1)),
+        );
+    }
 
     println!(
         "\nfault service, measured from the faulting thread ({TOUCHES} random first \
@@ -467,6 +513,9 @@ pub fn rows(size: u64, runs: usize) -> Result<(), Box<dyn Error>> {
                 rep.faults, rep.woken, rep.fault_pages, rep.prefetch_pages,
             );
         }
+        if let Some(f) = mid.faults {
+            println!("  {f} faults");
+        }
         medians.push((what.clone(), m));
     }
     let best = medians
@@ -476,6 +525,15 @@ pub fn rows(size: u64, runs: usize) -> Result<(), Box<dyn Error>> {
         .min()
         .unwrap_or_default();
     let default = medians.first().map(|(_, m)| *m).unwrap_or_default();
+    // Ours where the faulting thread is kept off the CPU the baselines' handler runs on.
+    let apart: Vec<String> = medians
+        .iter()
+        .filter(|(w, _)| w.contains("toucher on CPU 1") && !w.contains("and toucher"))
+        .map(|(w, m)| format!("{}: {}", w, us(*m)))
+        .collect();
+    if !apart.is_empty() {
+        println!("faulting thread on CPU 1: {}", apart.join("; "));
+    }
     println!(
         "goal <= 10 us median with the fault thread placed well: default {}, best {}: {}",
         us(default),
@@ -486,6 +544,22 @@ pub fn rows(size: u64, runs: usize) -> Result<(), Box<dyn Error>> {
             "not met"
         }
     );
+    println!(
+        "load average at the end: {} (threads free to move: the scheduler tends to bring \
+         the faulting thread and the thread that wakes it onto one CPU)",
+        loadavg()
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The first three fields of `/proc/loadavg`: the figures above depend on whether the
+/// other CPUs are idle.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }

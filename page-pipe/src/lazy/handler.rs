@@ -354,8 +354,8 @@ impl Shared {
         c.fetch_add(pages, Ordering::Relaxed);
     }
 
-    /// Brings pages `p..end` (within one piece) in, reading at most `buf.len()` bytes at
-    /// a time, skipping pages in already.
+    /// Brings pages `p..end` in, piece by piece, reading at most `buf.len()` bytes at a
+    /// time, skipping pages in already.
     fn bring_in(&self, mut p: u64, end: u64, buf: &mut [u8], who: Who) -> Result<(), LazyError> {
         let ps = self.ps as u64;
         let step = (buf.len() as u64 / ps).max(1);

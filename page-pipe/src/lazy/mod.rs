@@ -3,8 +3,8 @@
 //! [`LazyRestore::start`] registers the destination with userfaultfd in missing mode and
 //! returns at once; from then on each first touch of a page waits while the restore
 //! brings that page in with `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE` for a page no image
-//! holds), from a local image chain or from a page server ([`LazySource`]), while a
-//! second thread brings every other page in, in address order. When all are in, the
+//! holds), from a local image chain or from a page server ([`LazySource`]), while
+//! prefetch threads bring every other page in, in address order. When all are in, the
 //! range is unregistered and the threads end; [`LazyRestore::wait`] says how it went
 //! ([`LazyReport`]). This is CRIU's lazy-pages daemon and Firecracker's UFFD handler, in
 //! one process.
@@ -73,51 +73,63 @@
 //!
 //! # How pages come in, and in which order
 //!
-//! Two threads share a bitmap of the pages that are in:
+//! The threads share a bitmap of the pages that are in:
 //!
 //! - **The fault thread** sleeps on the userfaultfd. For each fault it reads the
 //!   faulting page alone and copies it in (`UFFDIO_COPY` wakes the faulting thread),
 //!   then queues the rest of its run ([`LazyOptions::fault_pages`] around it, aligned,
 //!   clamped to the image's run and the range) and serves queued runs only while no
-//!   fault waits, newest first, ahead of the faulting page before behind it. A run of
-//!   pages no image holds is mapped with `UFFDIO_ZEROPAGE` at once.
-//! - **The prefetch thread** ([`LazyOptions::prefetch`], on by default) walks the range
-//!   in address order, skipping pages that are in, and brings the rest in
-//!   [`LazyOptions::prefetch_pages`] at a time (positional reads into its own buffer,
-//!   then one `UFFDIO_COPY`), zero pages in large `UFFDIO_ZEROPAGE` calls.
+//!   fault waits, newest first, the part ahead of the faulting page before the part
+//!   behind it. Pages no image holds are mapped with `UFFDIO_ZEROPAGE`, from the
+//!   faulting page to the end of its run at once.
+//! - **The prefetch threads** ([`LazyOptions::prefetch`], on by default;
+//!   [`LazyOptions::prefetch_threads`], one by default) claim the range 1 MiB at a time
+//!   in address order, skip pages that are in, and bring the rest in
+//!   [`LazyOptions::prefetch_pages`] at a time (positional reads into their own buffer,
+//!   or `GET`, then one `UFFDIO_COPY`), zero pages in large `UFFDIO_ZEROPAGE` calls.
 //!
-//! Both may go for the same page: the kernel fills a page once, and the other gets
-//! `EEXIST`, counts nothing, marks the page in and wakes its waiters. A fault on a page
-//! that is in already (its thread was woken by the other thread's fill) costs a
+//! Threads may go for the same page: the kernel fills a page once, and the others get
+//! `EEXIST`, count nothing, mark the page in and wake its waiters. A fault on a page
+//! that is in already (its thread was woken by another thread's fill) costs a
 //! `UFFDIO_ZEROPAGE` that finds it there. Whichever thread puts the last page in ends
 //! the restore: the range is unregistered, the fault thread is woken through its stop
-//! pipe and returns, and [`wait`](LazyRestore::wait) returns the report. With prefetch
+//! pipe and returns, a page server session is closed (`CLOSE`, as CRIU's lazy-pages
+//! daemon closes it), and [`wait`](LazyRestore::wait) returns the report. With prefetch
 //! off, that happens once every page has been touched; `wait` waits until then.
 //!
 //! # Where the fault thread runs
 //!
-//! A fault round trip (fault, copy, wake) took 3.5 µs here with the fault handler on the
-//! faulting thread's CPU and about 60 µs across CPUs (mostly waking sleeping CPUs on
-//! this VM). The measurements (`cargo run --release -p page-pipe --example bench --
-//! --lazy`, 1 GiB, 2-CPU VM; see the README) chose the placement:
+//! A fault round trip (fault, copy, wake) took 3.5 µs here with the handler on the
+//! faulting thread's CPU and about 60 µs across CPUs (on this VM, mostly waking a
+//! sleeping CPU). Measured with `cargo run --release -p page-pipe --example bench --
+//! --lazy` (1 GiB and 256 MiB, 2-CPU VM shared with other work; medians of the first
+//! touches that waited; the README has the table):
 //!
-//! - one thread serving faults between prefetch steps (faults first) kept faults
-//!   waiting for the step in progress: 48–260 µs median, depending on the step;
-//! - a separate fault thread that sleeps on the userfaultfd is woken by the faulting
-//!   thread itself, and the scheduler runs it on the CPU the faulting thread just left
-//!   idle when the other CPUs are busy (the prefetch thread keeps one busy): 4 µs median
-//!   during the prefetch, and the prefetch ran no slower;
-//! - copying the faulting page alone before the rest of its run matters when the fault
-//!   thread shares the faulting thread's CPU: a 16-page run copied in one call made the
-//!   faulting thread wait for all of it (20 µs median);
-//! - when nothing else keeps the CPUs busy (prefetch off, or idle CPUs), the scheduler
-//!   may wake the fault thread on another CPU (60–70 µs). Pinning it to the CPU of the
-//!   threads that fault ([`LazyOptions::fault_cpu`], with the caller pinning its vCPU
-//!   threads there) gives the same-CPU figure; busy-polling after each fault
-//!   ([`LazyOptions::spin`]) saves only the wake-up of the handler (about 25 µs here),
-//!   at the cost of a CPU.
+//! - **Threads free to move** (the usual program): the scheduler brings the faulting
+//!   thread and the thread that wakes it onto one CPU, and every design that answers at
+//!   once measured 4.5–5.5 µs, this one included, prefetch on or off. The exception is
+//!   a single thread that serves faults between prefetch steps: on a machine whose other
+//!   CPU is idle it runs its steps there while the faulting thread waits for the step in
+//!   progress (123 µs with steps of 64 pages, measured when the machine was quiet; 48 to
+//!   260 µs for steps of 16 to 256 pages in a first prototype). Hence a fault thread of
+//!   its own that sleeps on the userfaultfd, and prefetch on other threads.
+//! - **The faulting thread pinned to a CPU** (a VMM's vCPU thread): the fault thread
+//!   cannot follow it, and a round trip across CPUs costs 35–38 µs (49 µs for a baseline
+//!   handler that sleeps, 124–210 µs for one that prefetches between faults). Pinning
+//!   the fault thread to that CPU ([`LazyOptions::fault_cpu`]) brings it back to 5 µs,
+//!   prefetch on or off: the prefetch threads stay free and run on the other CPUs.
+//! - Busy-polling after each fault ([`LazyOptions::spin`]) measured no better than
+//!   sleeping (it saves waking the handler, not waking the faulting thread), and costs
+//!   a CPU: off by default.
+//! - The faulting page is copied alone before the rest of its run: with the fault
+//!   thread on the faulting thread's CPU, a 16-page run copied in one call made the
+//!   faulting thread wait for all of it (20 µs median in the first prototype); the rest
+//!   of the run comes while no fault waits.
 //!
-//! So the default is the separate, sleeping fault thread, unpinned, with prefetch on.
+//! So the default is the separate fault thread, sleeping, unpinned, with prefetch on;
+//! callers that pin the threads that will fault pin the fault thread with them
+//! (`fault_cpu`). One fault thread serves one CPU well: threads pinned to several CPUs
+//! share it.
 //!
 //! # When the source fails
 //!
@@ -125,7 +137,7 @@
 //! page server fails (it died, closed the session, timed out), the restore ends with a
 //! [`LazyError`] naming the pages and the cause: the thread that met the error
 //! unregisters the whole range and wakes every thread waiting on it, and the other
-//! thread stops. A faulting thread then never hangs: it returns from its fault and sees
+//! threads of the restore stop. A faulting thread then never hangs: it returns from its fault and sees
 //! the memory as it is, the pages brought in so far with the image's bytes and every
 //! other page as a never-touched anonymous page, zeros (its first write maps a fresh
 //! page). [`wait`](LazyRestore::wait) returns the error; the program must not trust the
@@ -197,11 +209,14 @@ pub struct LazyOptions {
     /// Which userfaultfd (default [`Privilege::Auto`]; see the
     /// [module docs](self#privilege)).
     pub privilege: Privilege,
-    /// Pin the fault thread to this CPU (`sched_setaffinity(2)`), for callers that pin
-    /// the threads that will fault to the same CPU. Default: not pinned.
+    /// Pin the fault thread to this CPU (`sched_setaffinity(2)`): for callers that pin
+    /// the threads that will fault (vCPU threads) to this CPU, whose faults are then
+    /// served on their own CPU (5 µs here, against 35–38 µs across CPUs; see the
+    /// [module docs](self#where-the-fault-thread-runs)). Default: not pinned.
     pub fault_cpu: Option<usize>,
     /// After each fault, keep polling the userfaultfd for this long before sleeping
-    /// (costs a CPU for that time). Default zero: sleep at once.
+    /// (costs a CPU for that time; measured no faster here). Default zero: sleep at
+    /// once.
     pub spin: Duration,
 }
 
