@@ -77,6 +77,8 @@ mod workloads;
 #[path = "../benches/workloads/track.rs"]
 mod track_workloads;
 
+#[path = "bench_rows/lazy.rs"]
+mod lazy_rows;
 #[path = "../benches/workloads/migrate.rs"]
 mod migrate_workloads;
 
@@ -243,6 +245,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if std::env::args().any(|a| a == "--migrate") {
         return migrate_workloads::rows(size, runs);
+    }
+    if std::env::args().any(|a| a == "--lazy") {
+        return lazy_rows::rows(size, runs);
     }
     #[cfg(feature = "vm-memory")]
     if std::env::args().any(|a| a == "--vm") {

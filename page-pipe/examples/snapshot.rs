@@ -22,8 +22,9 @@
 //! instead of writing them here: run `page_server --dir DIR --port PORT --chain` so that
 //! the second lands as an incremental image on the first; a server without the parent
 //! gets the second in full).
-//! `--restore eager|map` (how the demo restores: read into fresh memory, the default, or
-//! map the pages files over it).
+//! `--restore eager|map|lazy` (how the demo restores: read into fresh memory, the
+//! default; map the pages files over it; or lazily with userfaultfd, the memory usable
+//! at once and each page brought in on first touch or by the prefetch).
 //!
 //! `flatten SRC DST` writes the chain in SRC as one full image in DST; `diff A B` prints
 //! the pages two images hold differently and exits as diff(1) does: 0 when they hold the
@@ -73,7 +74,7 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Fail> {
 
 const USAGE: &str =
     "usage: snapshot [--size SIZE] [--dirty PERCENT] [--dir DIR] [--single-pass] [--copy]
-                [--drain pipes|memory|auto] [--restore eager|map] [--tracker auto|sync|off]
+                [--drain pipes|memory|auto] [--restore eager|map|lazy] [--tracker auto|sync|off]
                 [--to HOST:PORT]
        snapshot --live [--size SIZE] [--dir DIR] [--writers N] [--interval-us US]
        snapshot inspect DIR
@@ -487,6 +488,8 @@ enum Restore {
     Eager,
     /// `Image::map_into`: map the pages files over the fresh memory.
     Map,
+    /// `LazyRestore`: userfaultfd fills each page on first touch, a thread the rest.
+    Lazy,
 }
 
 impl Restore {
@@ -494,7 +497,8 @@ impl Restore {
         match v.unwrap_or("eager") {
             "eager" => Ok(Restore::Eager),
             "map" => Ok(Restore::Map),
-            other => fail(format!("--restore takes eager or map, not {other:?}")),
+            "lazy" => Ok(Restore::Lazy),
+            other => fail(format!("--restore takes eager, map or lazy, not {other:?}")),
         }
     }
 
@@ -520,6 +524,57 @@ impl Restore {
                 //   removes them only when it starts again).
                 unsafe { img.map_into(base, mem.as_mut_ptr(), mem.len(), &opts)? }.report
             }
+            Restore::Lazy => {
+                use page_pipe::lazy::{LazyOptions, LazyRestore, LazySource};
+                let report = img
+                    .plan(base, mem.len() as u64, &Default::default())?
+                    .report;
+                let t = Instant::now();
+                // SAFETY:
+                // - `mem` is the demo's own fresh anonymous mapping, no reference into it
+                //   alive across the call; it stays mapped until `wait` below returned;
+                // - only this thread touches it, reading, holding no lock; no system call
+                //   reads or writes it, and the demo does not fork.
+                let lazy = unsafe {
+                    LazyRestore::start(
+                        LazySource::image(img),
+                        base,
+                        mem.as_mut_ptr(),
+                        mem.len(),
+                        &LazyOptions::default(),
+                    )?
+                };
+                let ready = t.elapsed();
+                // The first touch of every page, while the prefetch runs.
+                let ps = page_pipe::page_size();
+                let sum = mem.iter().step_by(ps).fold(0u64, |a, &b| a + u64::from(b));
+                std::hint::black_box(sum);
+                let touched = t.elapsed();
+                let info = lazy.info();
+                let r = lazy.wait()?;
+                println!(
+                    "lazy restore: memory usable after {}; first touch of every page done after \
+                     {} ({} faults, {} on pages the prefetch had just brought); all in after {}: \
+                     {} pages by faults, {} by prefetch, {} zero pages{}",
+                    ms(ready),
+                    ms(touched),
+                    r.faults,
+                    r.woken,
+                    ms(r.elapsed),
+                    r.fault_pages,
+                    r.prefetch_pages,
+                    r.zero_pages,
+                    if info.user_mode_only {
+                        " (user-mode-only userfaultfd)"
+                    } else {
+                        ""
+                    }
+                );
+                if !r.complete {
+                    return fail("the lazy restore did not bring every page in");
+                }
+                return Ok((Image::open(dir)?, report));
+            }
         };
         Ok((img, report))
     }
@@ -530,6 +585,7 @@ impl fmt::Display for Restore {
         f.write_str(match self {
             Restore::Eager => "eager",
             Restore::Map => "by mapping",
+            Restore::Lazy => "lazily, with userfaultfd",
         })
     }
 }

@@ -59,6 +59,10 @@
 //! asynchronous tracker, a final pause of milliseconds, the pages received straight into
 //! memory), optionally over TLS ([`tls`], the `tls` feature).
 //!
+//! [`lazy`] restores an image lazily (post-copy): the memory is usable at once, and each
+//! page comes in with userfaultfd on its first touch, from a local image chain or a page
+//! server, while the rest is brought in the background.
+//!
 //! # Thread safety
 //!
 //! Every type is `Send` where its parts are: a [`PagePipe`] over [`KernelPipes`], a
@@ -78,6 +82,7 @@ pub mod capture;
 pub mod dump;
 pub mod guide;
 pub mod image;
+pub mod lazy;
 pub mod migrate;
 pub mod mode;
 pub mod page_pipe;

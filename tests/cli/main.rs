@@ -131,7 +131,7 @@ fn bad_arguments_and_directories_are_one_line_errors() {
             "/dev/null",
         ],
         &["extract", d, "--vaddr", "1000"],
-        &["--restore", "lazy"],
+        &["--restore", "lazily"],
         &["flatten", d],
         &["flatten", "/nonexistent/dir", d],
     ];
@@ -149,7 +149,13 @@ fn bad_arguments_and_directories_are_one_line_errors() {
 fn the_demo_restores_by_mapping_and_verifies() {
     let dir = TempDir::new("demo-map");
     let d = dir.path().to_str().unwrap();
-    for how in ["eager", "map"] {
+    let p = page_pipe_sys::probe_userfaultfd();
+    let lazy = p.kernel_faults() || p.user_mode_only.is_ok();
+    if !lazy {
+        eprintln!("SKIPPED the_demo_restores_by_mapping_and_verifies (lazy): no userfaultfd: {p}");
+    }
+    let hows = ["eager", "map", "lazy"];
+    for how in hows.into_iter().filter(|h| lazy || *h != "lazy") {
         let o = run(&["--size", "4M", "--dir", d, "--restore", how]);
         let (out, err) = text(&o);
         assert!(o.status.success(), "{how}: {out}\n{err}");
@@ -159,12 +165,15 @@ fn the_demo_restores_by_mapping_and_verifies() {
             verify[0].contains("matches the region byte for byte"),
             "{out}"
         );
-        let said = if how == "map" {
-            "(by mapping)"
-        } else {
-            "(eager)"
+        let said = match how {
+            "map" => "(by mapping)",
+            "lazy" => "(lazily, with userfaultfd)",
+            _ => "(eager)",
         };
         assert!(verify[0].contains(said), "{how}: {out}");
+        if how == "lazy" {
+            assert!(out.contains("lazy restore: memory usable after"), "{out}");
+        }
     }
 }
 

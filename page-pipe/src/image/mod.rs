@@ -84,7 +84,7 @@ mod writer;
 
 pub use diff::{DiffKind, DiffSpan, diff};
 pub use error::{FileKind, FileOp, ImageError};
-pub(crate) use files::open_regular;
+pub(crate) use files::{open_regular, read_exact_at};
 pub use flatten::{FlattenOptions, flatten};
 pub use format::{
     CountFields, FormatAt, FormatError, IMG_COMMON_MAGIC, PAGEMAP_MAGIC, PageFlags, Pagemap,

@@ -336,8 +336,7 @@ impl Image {
     }
 
     /// The pages file, kept open (`None` when no entry is present), for restores that
-    /// move the bytes their own way (`vm`).
-    #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
+    /// move the bytes their own way (`vm`, `lazy`).
     pub(crate) fn pages_file(&self) -> Option<&File> {
         self.pages.as_ref()
     }

@@ -268,6 +268,12 @@ impl PageServerClient {
         self
     }
 
+    /// A second descriptor of the connection, for a thread that must wake another one
+    /// blocked on it (`shutdown(2)` of it ends the connection for both).
+    pub(crate) fn socket_handle(&self) -> io::Result<std::os::fd::OwnedFd> {
+        self.stream.as_fd().try_clone_to_owned()
+    }
+
     /// The server.
     pub fn peer(&self) -> &Peer {
         &self.peer

@@ -179,8 +179,9 @@ impl fmt::Display for SystemOp {
     }
 }
 
-/// An errno as `EBUSY (Device or resource busy)`, for the errors' messages.
-struct Name(Errno);
+/// An errno as `EBUSY (Device or resource busy)`, for the errors' messages (this
+/// module's and [`lazy`](crate::lazy)'s).
+pub(crate) struct Name(pub(crate) Errno);
 
 impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -166,7 +166,7 @@ mod error;
 mod faults;
 pub mod live;
 mod live_state;
-mod maps;
+pub(crate) mod maps;
 mod scan;
 mod start;
 
@@ -181,6 +181,7 @@ use crate::types::{BufFlags, HoleFlags};
 
 pub use bitmap::{DirtyLogError, extend_plan_from_dirty_log, plan_from_dirty_log};
 pub use error::{LostBy, SystemOp, TrackError};
+pub(crate) use error::{Name as ErrnoName, io_errno};
 pub use live::{Live, LiveError, LiveKind, LiveOptions, LiveReport};
 
 use bitmap::{push_plan, push_spans, set_range};
