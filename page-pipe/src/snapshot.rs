@@ -11,8 +11,8 @@
 //! the pages into pipes and a dump splices them out, or the dump takes them straight from
 //! the memory (a page pipe over pipes that exist only in its books, sized as the kernel
 //! would size them). Both give the same entries. Sinks that gain nothing from pipes
-//! (files, where `splice` was measured no faster than `write` from the mapping; a
-//! callback, which can read the memory itself; sockets and pipes when the pages would
+//! (files and sockets, where `splice` was measured no faster than `write` from the
+//! mapping; a callback, which can read the memory itself; pipes when the pages would
 //! have to be copied anyway) are fed from memory by default. The memory is borrowed for
 //! the whole call either way.
 
@@ -60,10 +60,10 @@ pub enum Span {
 /// How the pages reach the sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Drain {
-    /// As the sink does best (measured; see the README): through pipes into Unix sockets
-    /// and pipes when the pages may leave by reference (memory nobody can write any more, or
-    /// a sink made with [`FdSink::new_zero_copy`](crate::FdSink::new_zero_copy)); straight
-    /// from memory otherwise, and always into files and TCP sockets. The default.
+    /// As the sink does best (measured; see the README): through pipes into pipes when
+    /// the pages may leave by reference (memory nobody can write any more, or a sink made
+    /// with [`FdSink::new_zero_copy`](crate::FdSink::new_zero_copy)); straight from memory
+    /// otherwise, and always into files and sockets. The default.
     #[default]
     Auto,
     /// Always through pipes: capture with `vmsplice`, then a dump out of the pipes.

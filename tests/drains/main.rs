@@ -257,6 +257,18 @@ fn auto_drain_picks_the_path_per_destination() {
                 drop(sink);
                 (r.path, reader.join().unwrap())
             }
+            "pipe" => {
+                let (mut r, w) = std::io::pipe().unwrap();
+                let reader = std::thread::spawn(move || {
+                    let mut v = Vec::new();
+                    r.read_to_end(&mut v).unwrap();
+                    v
+                });
+                let mut sink = FdSink::new(w);
+                let r = snapshot(source, spans.clone(), &mut sink, &opts).unwrap();
+                drop(sink);
+                (r.path, reader.join().unwrap())
+            }
             "tcp" => {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
@@ -284,7 +296,12 @@ fn auto_drain_picks_the_path_per_destination() {
     };
     let sealed_src = Source::new().with_mmap(BASE, sealed).unwrap();
     let lent_src = Source::new().with_slice(BASE, &lent[..]).unwrap();
-    for (kind, through_pipes) in [("unix", true), ("tcp", false), ("file", false)] {
+    for (kind, through_pipes) in [
+        ("pipe", true),
+        ("unix", false),
+        ("tcp", false),
+        ("file", false),
+    ] {
         let (path, bytes) = via(&sealed_src, kind);
         assert_eq!(
             path != CapturePath::Direct,
