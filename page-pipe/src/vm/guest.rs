@@ -171,3 +171,37 @@ impl ReadVolatile for FdReader<'_> {
         }
     }
 }
+
+/// Prefaults the whole pages of `slice` for writing: `madvise(MADV_POPULATE_WRITE)`,
+/// which faults each page in as a write would without changing a byte. Returns whether
+/// the kernel did (false before Linux 5.14, or for memory it cannot populate; the reads
+/// then fault the pages in themselves).
+pub(crate) fn prefault<B: BitmapSlice>(slice: &VolatileSlice<'_, B>) -> bool {
+    let ps = page_pipe_sys::page_size().get();
+    // The guard keeps the memory mapped for the call (under Xen it maps it).
+    let guard = slice.ptr_guard_mut();
+    let ptr = guard.as_ptr();
+    let skip = ptr.align_offset(ps);
+    if skip >= slice.len() {
+        return true;
+    }
+    let whole = (slice.len() - skip) / ps * ps;
+    if whole == 0 {
+        return true;
+    }
+    // SAFETY:
+    // - `ptr + skip .. + whole` is whole, page-aligned pages inside the slice, which is
+    //   mapped for its length while `guard` lives (the contract of `VolatileSlice`'s
+    //   constructors);
+    // - MADV_POPULATE_WRITE changes no byte and no mapping, only fills page tables as a
+    //   write fault would (the kernel's documented behaviour), so nothing that reads or
+    //   writes the memory meanwhile, volatilely or by system calls, sees a difference.
+    let r = unsafe {
+        rustix::mm::madvise(
+            ptr.add(skip).cast::<std::ffi::c_void>(),
+            whole,
+            rustix::mm::Advice::LinuxPopulateWrite,
+        )
+    };
+    r.is_ok()
+}

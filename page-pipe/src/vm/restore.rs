@@ -14,7 +14,7 @@ use vm_memory::{
     VolatileMemoryError, VolatileSlice,
 };
 
-use super::guest::FdReader;
+use super::guest::{FdReader, prefault};
 use super::{Access, ImageOp, Layout, VmError};
 use crate::image::{
     FileOp, Image, ImageError, MAX_AUTO_THREADS, MIN_BYTES_PER_THREAD, ReadReport, RestoreOptions,
@@ -150,7 +150,8 @@ where
     let run = |part: &[Segment]| -> Result<(), VmError> {
         let zeros =
             vec![0u8; ZERO_CHUNK.min(part.iter().map(|s| s.len as usize).max().unwrap_or(0))];
-        part.iter().try_for_each(|s| fill(mem, s, &files, &zeros))
+        part.iter()
+            .try_for_each(|s| fill(mem, s, &files, &zeros, opts.fresh))
     };
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
@@ -183,12 +184,21 @@ where
 /// Zeros written at a time into guest memory.
 const ZERO_CHUNK: usize = 1 << 20;
 
-/// Fills the guest memory of segment `s`: from its pages file, or with zeros.
+/// The bytes read into guest memory at a time, prefaulted first into fresh memory:
+/// measured (`bench -- --vm`, 1 GiB into a fresh `GuestMemoryMmap`, two threads), one
+/// read per run without prefaulting was 0.85-0.86x `Image::restore`, which prefaults 1 MiB
+/// windows.
+const WINDOW: usize = 1 << 20;
+
+/// Fills the guest memory of segment `s`: from its pages file, or with zeros. Pages are
+/// read [`WINDOW`] bytes at a time, each window prefaulted first when the memory is
+/// `fresh` (never touched), as [`Image::restore`](crate::image::Image::restore) does.
 fn fill<M, B>(
     mem: &M,
     s: &Segment,
     files: &[(Option<&File>, &Path)],
     zeros: &[u8],
+    fresh: bool,
 ) -> Result<(), VmError>
 where
     M: GuestMemoryBackend<R = GuestRegionMmap<B>>,
@@ -213,9 +223,21 @@ where
         let slice: VolatileSlice<'_, _> =
             slice.map_err(|error| VmError::Guest { addr: at, error })?;
         match &mut reader {
-            Some((rd, path)) => slice
-                .read_exact_volatile_from(0, rd, slice.len())
-                .map_err(|e| read_error(e, path, rd.offset().unwrap_or(0), at))?,
+            Some((rd, path)) => {
+                let mut o = 0;
+                while o < slice.len() {
+                    let n = WINDOW.min(slice.len() - o);
+                    let window = slice.subslice(o, n).map_err(guest(at + o as u64))?;
+                    if fresh {
+                        // Refused (before Linux 5.14): the reads fault the pages in.
+                        prefault(&window);
+                    }
+                    window.read_exact_volatile_from(0, rd, n).map_err(|e| {
+                        read_error(e, path, rd.offset().unwrap_or(0), at + o as u64)
+                    })?;
+                    o += n;
+                }
+            }
             None => {
                 let mut o = 0;
                 while o < slice.len() {
