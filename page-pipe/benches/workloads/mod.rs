@@ -99,7 +99,12 @@ pub fn discard(mut c: Captured<'_>) {
         .write(true)
         .open("/dev/null")
         .expect("/dev/null");
-    c.dump(&mut FdSink::new(null)).expect("discard");
+    // By `splice`, as `empty_pipes` empties the baseline's pipes: an `FdSink::new` into
+    // a character device would read borrowed pages out through a bounce buffer, and the
+    // next capture measured 20% slower after emptying that way.
+    // SAFETY: /dev/null reads nothing, so no reader can see the pages after the capture.
+    let mut sink = unsafe { FdSink::new_zero_copy(null) };
+    c.dump(&mut sink).expect("discard");
 }
 
 /// Pipes of the largest size, enough for the region.
