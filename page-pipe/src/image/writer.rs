@@ -390,6 +390,14 @@ impl ImageWriter {
         };
         self.check(&e)?;
         let len = (e.pages * self.page_size as u64) as usize;
+        self.splice_in(pipe, len)?;
+        self.record(e)
+    }
+
+    /// Moves `len` bytes from the front of `pipe` to the pages file at `pages_off` with
+    /// `splice`, and moves `pages_off` past them; fails the writer if they cannot all be
+    /// written (a pipe that holds too few bytes, `ENOSPC`, `EFBIG`).
+    pub(super) fn splice_in(&mut self, pipe: BorrowedFd<'_>, len: usize) -> Result<(), ImageError> {
         let mut off = self.pages_off;
         let r = page_pipe_sys::splice_exact(
             pipe,
@@ -411,7 +419,7 @@ impl ImageWriter {
             return Err(self.fail(err));
         }
         self.pages_off = off;
-        self.record(e)
+        Ok(())
     }
 
     /// Adds a `PRESENT` entry with its pages given as bytes (`e.pages` pages).

@@ -1,10 +1,7 @@
 //! [`PagesAppender`]: the pages of one `PRESENT` entry of an [`ImageWriter`], added in
 //! parts as they arrive (from a socket, a pipe) before the entry is recorded.
 
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
-
-use page_pipe_sys::{SpliceFlags, Stopped};
+use std::os::fd::BorrowedFd;
 
 use super::ImageWriter;
 use crate::image::PagemapEntry;
@@ -69,28 +66,7 @@ impl<'w> PagesAppender<'w> {
     /// few bytes, `ENOSPC`). The writer then refuses to finish.
     pub fn append_from_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> Result<(), ImageError> {
         self.take(len)?;
-        let w = &mut *self.w;
-        let mut off = w.pages_off;
-        let r = page_pipe_sys::splice_exact(
-            pipe,
-            None,
-            w.pages.as_fd(),
-            Some(&mut off),
-            len,
-            SpliceFlags::empty(),
-        );
-        if let Err(partial) = r {
-            let error = match partial.stopped {
-                Stopped::Errno(e) => io::Error::from(e),
-                Stopped::EndOfData => io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the pipe held {} of {len} bytes", partial.done),
-                ),
-            };
-            let err = io_err(&w.pages_path, FileOp::WritePages)(error);
-            return Err(w.fail(err));
-        }
-        w.pages_off = off;
+        self.w.splice_in(pipe, len)?;
         self.left -= len as u64;
         Ok(())
     }
