@@ -430,10 +430,10 @@ impl Shared {
         self.ending().end.is_some()
     }
 
-    /// Waits until the restore has ended, at most `timeout` (`None`: for ever). Returns
-    /// whether it has.
+    /// Waits until the restore has ended, at most `timeout` (`None`, or a timeout past
+    /// what an `Instant` can hold: for ever). Returns whether it has.
     pub(super) fn wait_end(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut st = self.ending();
         while st.end.is_none() {
             st = match deadline {

@@ -479,7 +479,8 @@ impl LazyRestore {
         self.shared.is_finished()
     }
 
-    /// Waits at most `timeout` for the restore to end; returns whether it has.
+    /// Waits at most `timeout` for the restore to end; returns whether it has. A
+    /// timeout too long to reach (`Duration::MAX`) waits as long as it takes.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         self.shared.wait_end(Some(timeout))
     }
