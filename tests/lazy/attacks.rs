@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// The pages `from..to` as the fake server and `full_image` hold them.
+fn expected(from: usize, to: usize) -> Vec<u8> {
+    (from..to).flat_map(|p| content(3, p)).collect()
+}
+
 /// `wait_timeout` with a timeout no `Instant` can hold waits as long as it takes (it
 /// panicked adding the timeout to now).
 #[test]
@@ -22,4 +27,66 @@ fn wait_timeout_for_ever_does_not_panic() {
     assert!(r.wait_timeout(Duration::ZERO), "ended, so no wait at all");
     check_report(&r.wait().unwrap(), 16);
     assert!(mem[..] == all[..]);
+}
+
+/// A destination made of several mappings (here split by `mprotect`): the kernel
+/// fills within one mapping a call, and a fill that crossed into the next got `ENOENT`,
+/// which failed the restore as if the memory had been unmapped. Pages 20..40 are
+/// read-only, the image holds pages 0..30 and 45..64: a run of file pages crosses page
+/// 20, a run of zero pages crosses page 40.
+#[test]
+fn a_destination_of_several_mappings_restores() {
+    if !have_uffd("a_destination_of_several_mappings_restores") {
+        return;
+    }
+    let ps = ps();
+    let root = TempDir::new("lazy-vmas");
+    let dir = root.path().join("1");
+    let mut w = ImageWriter::create(&dir, 1).unwrap().with_sync(false);
+    for (from, to) in [(0usize, 30usize), (45, 64)] {
+        let e = PagemapEntry {
+            vaddr: BASE + (from * ps) as u64,
+            pages: (to - from) as u64,
+            flags: PageFlags::PRESENT,
+        };
+        w.push_bytes(e, &expected(from, to)).unwrap();
+    }
+    w.finish().unwrap();
+    let img = Arc::new(Image::open(&dir).unwrap());
+    let mut want = vec![0u8; 64 * ps];
+    img.read(BASE, &mut want).unwrap();
+    let split = |mem: &mut MmapMut| {
+        // SAFETY: pages 20..40 of the test's own mapping, which only reads them from now
+        // on (through `mem` and `touch_all`).
+        unsafe {
+            rustix::mm::mprotect(
+                mem.as_mut_ptr().add(20 * ps).cast(),
+                20 * ps,
+                rustix::mm::MprotectFlags::READ,
+            )
+        }
+        .unwrap();
+    };
+    // Faults alone, in a set order: page 16 (its run, 17..30, crosses page 20), then
+    // page 33 (zeros to 45, across page 40).
+    let faults = LazyOptions {
+        prefetch: false,
+        fault_pages: 16,
+        ..LazyOptions::default()
+    };
+    for opts in [faults, LazyOptions::default()] {
+        let mut mem = fresh(64);
+        split(&mut mem);
+        let r = start(LazySource::image(Arc::clone(&img)), BASE, &mut mem, &opts).unwrap();
+        let host = mem.as_ptr() as usize;
+        for p in [16, 33] {
+            let got = touch_all(host + p * ps, ps, 1, 1).expect("a faulting thread hung");
+            assert!(got[..] == want[p * ps..(p + 1) * ps], "page {p} ({opts:?})");
+        }
+        let got = touch_all(host, 64 * ps, 2, 7).expect("a faulting thread hung");
+        let report = finish(r).unwrap_or_else(|e| panic!("{opts:?}: {e}"));
+        check_report(&report, 64);
+        assert!(got == want, "{opts:?}");
+        assert!(mem[..] == want[..], "{opts:?}");
+    }
 }

@@ -243,10 +243,11 @@ impl Shared {
         let ps = self.ps;
         let mut off = 0usize;
         let mut again = 0;
+        let mut cap = usize::MAX;
         while off < src.len() {
             let page = p + (off / ps) as u64;
             let dst = self.host_of(page);
-            let len = src.len() - off;
+            let len = (src.len() - off).min(cap);
             // SAFETY:
             // - `dst..dst + len` is within the destination: `p` and the pages of `src`
             //   are within the range (the callers take them from the plan);
@@ -271,6 +272,7 @@ impl Shared {
                 self.count(who, (done / ps) as u64);
                 self.mark(page, (done / ps) as u64);
                 off += done;
+                cap = usize::MAX;
             }
             match errno {
                 None if done > 0 => {}
@@ -282,6 +284,8 @@ impl Shared {
                     off += ps;
                 }
                 Some(Errno::AGAIN) if again < MAX_AGAIN => again += 1,
+                // Perhaps the pages cross from one mapping into the next.
+                Some(Errno::NOENT) if len > ps => cap = shorter(len, ps),
                 e => {
                     return Err(LazyError::Fill {
                         op: FillOp::Copy,
@@ -300,8 +304,9 @@ impl Shared {
         let ps = self.ps;
         let (mut at, end) = (p, p + n);
         let mut again = 0;
+        let mut cap = usize::MAX;
         while at < end {
-            let len = (end - at) as usize * ps;
+            let len = ((end - at) as usize * ps).min(cap);
             // SAFETY:
             // - pages `at..end` are within the destination (the callers take them from
             //   the plan);
@@ -324,6 +329,7 @@ impl Shared {
                 self.counts.zero_pages.fetch_add(done, Ordering::Relaxed);
                 self.mark(at, done);
                 at += done;
+                cap = usize::MAX;
             }
             match errno {
                 None if done > 0 => {}
@@ -333,6 +339,7 @@ impl Shared {
                     at += 1;
                 }
                 Some(Errno::AGAIN) if again < MAX_AGAIN => again += 1,
+                Some(Errno::NOENT) if len > ps => cap = shorter(len, ps),
                 e => {
                     return Err(LazyError::Fill {
                         op: FillOp::Zeropage,
@@ -641,6 +648,16 @@ impl Shared {
             }
         }
     }
+}
+
+/// The length to try next after a fill of `len` bytes (more than a page) met `ENOENT`:
+/// half of it, whole pages. The kernel fills within one mapping a call and answers
+/// `ENOENT` for a range that crosses into the next one, and the destination may be
+/// several mappings (registered together); a range that is not registered any more
+/// (the restore ended) or not mapped gives `ENOENT` down to a single page, and that is
+/// the error.
+fn shorter(len: usize, ps: usize) -> usize {
+    (len / 2 / ps * ps).max(ps)
 }
 
 fn unexpected(event: u8) -> LazyError {

@@ -50,9 +50,10 @@
 //! caller promises, from the call until the restore has ended ([`wait`](LazyRestore::wait)
 //! or [`stop`](LazyRestore::stop) returned, or the handle was dropped):
 //!
-//! - the range is fresh private anonymous memory that is the caller's to fill: whatever
-//!   it held is discarded at the start (`MADV_DONTNEED`), so no reference into it may be
-//!   alive across the call; no one else registers it with a userfaultfd (that would be
+//! - the range is fresh private anonymous memory (one mapping or several adjacent ones,
+//!   whatever their protections) that is the caller's to fill: whatever it held is
+//!   discarded at the start (`MADV_DONTNEED`), so no reference into it may be alive
+//!   across the call; no one else registers it with a userfaultfd (that would be
 //!   `EBUSY` anyway); it stays mapped, and is not discarded, moved or remapped meanwhile;
 //!   and no thread touches it until `start` has returned;
 //! - the threads that fault in it are not the restore's dependencies: nothing the
