@@ -1,7 +1,70 @@
 //! Attacks on the lazy restore's promises, each test named for the promise it checks;
 //! each failed before the fix committed with it, but for the ones that say they held.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use page_pipe::page_server::wire::{Limits, Message, get_reply};
+
 use super::*;
+
+/// How a [`fake_server`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// Every `GET` as asked (page `q` from `BASE` holds `content(3, q)`); `CLOSE` with 0.
+    Honest,
+}
+
+/// Plays a page server on `s`, answering as `how` says, until the connection ends;
+/// returns the messages it read.
+fn fake_server(mut s: UnixStream, _how: Peer) -> std::thread::JoinHandle<Vec<Message>> {
+    std::thread::spawn(move || {
+        let ps = ps();
+        let limits = Limits::default();
+        let mut seen = Vec::new();
+        loop {
+            let mut h = [0u8; 32];
+            if s.read_exact(&mut h).is_err() {
+                return seen;
+            }
+            let Ok(m) = Message::decode(&h, &limits) else {
+                return seen;
+            };
+            seen.push(m);
+            match m {
+                Message::Get { id, vaddr, pages } => {
+                    let at = ((vaddr - BASE) / ps as u64) as usize;
+                    let mut out = get_reply(id, vaddr, pages).to_vec();
+                    for q in at..at + pages as usize {
+                        out.extend(content(3, q));
+                    }
+                    if s.write_all(&out).is_err() {
+                        return seen;
+                    }
+                }
+                Message::Close | Message::ForceClose => {
+                    let _ = s.write_all(&0i32.to_ne_bytes());
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest);
+                    return seen;
+                }
+                _ => return seen,
+            }
+        }
+    })
+}
+
+/// A page server source over a socket pair whose other end `how` plays; `held` as for
+/// [`LazySource::page_server`], image id 1.
+fn fake_source(
+    how: Peer,
+    held: impl IntoIterator<Item = (u64, u64)>,
+) -> (LazySource, std::thread::JoinHandle<Vec<Message>>) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let peer = fake_server(theirs, how);
+    let client = PageServerClient::from_unix(ours).unwrap();
+    (LazySource::page_server(client, 1, held), peer)
+}
 
 /// The pages `from..to` as the fake server and `full_image` hold them.
 fn expected(from: usize, to: usize) -> Vec<u8> {
@@ -89,4 +152,48 @@ fn a_destination_of_several_mappings_restores() {
         assert!(got == want, "{opts:?}");
         assert!(mem[..] == want[..], "{opts:?}");
     }
+}
+
+/// A page server's snapshot range that passes the end of the address space, or does
+/// not start on a page, is refused as a bad range before anything is registered (the
+/// plan overflowed, or subtracted past zero, and panicked); a run claiming more pages
+/// than the address space holds means every page from its start (it overflowed too).
+#[test]
+fn page_server_ranges_are_checked_not_overflowed() {
+    if !have_uffd("page_server_ranges_are_checked_not_overflowed") {
+        return;
+    }
+    let ps = ps() as u64;
+    let d = LazyOptions::default();
+    for (vaddr, what) in [
+        (
+            0u64.wrapping_sub(2 * ps),
+            "past the end of the address space",
+        ),
+        (BASE + 1, "not page-aligned"),
+        (u64::MAX, "both"),
+    ] {
+        let (source, peer) = fake_source(Peer::Honest, [(BASE, 8)]);
+        let mut mem = fresh(4);
+        let e = start(source, vaddr, &mut mem, &d).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LazyError::Plan(ImageError::BadRange { vaddr: v, len })
+                    if v == vaddr && len == 4 * ps
+            ),
+            "{what}: {e:?}"
+        );
+        assert!(peer.join().unwrap().is_empty(), "{what}: nothing asked");
+        assert!(mem.iter().all(|&b| b == 0), "{what}: memory left alone");
+    }
+    // A run of u64::MAX pages: everything from BASE on.
+    let (source, peer) = fake_source(Peer::Honest, [(BASE, u64::MAX)]);
+    let mut mem = fresh(8);
+    let r = start(source, BASE, &mut mem, &d).unwrap();
+    let report = finish(r).unwrap();
+    check_report(&report, 8);
+    assert_eq!(report.zero_pages, 0, "{report:?}");
+    assert!(mem[..] == expected(0, 8)[..]);
+    peer.join().unwrap();
 }

@@ -97,8 +97,10 @@ pub enum LazyError {
         /// The calls the range supports.
         ioctls: UffdIoctls,
     },
-    /// The image's plan for the range failed ([`ImageError::BadRange`],
-    /// [`ImageError::NotInParent`], or [`ImageError::NotInImage`] for a strict restore).
+    /// The plan for the range failed: [`ImageError::BadRange`] for a range of the
+    /// snapshot that is not whole pages in the address space (from any source),
+    /// [`ImageError::NotInParent`] for a broken chain, or [`ImageError::NotInImage`] for
+    /// a strict restore.
     Plan(ImageError),
     /// A strict restore from a page server: a page of the range is in none of the runs
     /// the server was said to hold.

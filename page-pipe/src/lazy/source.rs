@@ -257,6 +257,12 @@ impl LazySource {
         strict: bool,
     ) -> Result<(Plan, Reader), LazyError> {
         let ps64 = ps as u64;
+        // `pages` comes from a length in bytes, so `pages * ps` does not overflow; the
+        // address and its end are checked here for every source (the image's plan checks
+        // them too, the page server's runs are planned below from them).
+        let len = pages * ps64;
+        crate::addr::PageRange::of_bytes(vaddr, len, ps)
+            .map_err(|_| LazyError::Plan(ImageError::BadRange { vaddr, len }))?;
         let mut plan = Plan { pieces: Vec::new() };
         match (&self.image, &self.server) {
             (Some(img), server) => {
@@ -287,7 +293,9 @@ impl LazySource {
                 let end = vaddr + pages * ps64;
                 let mut at = vaddr;
                 for (v, n) in runs {
-                    let (s, e) = (v.max(at), v.saturating_add(n * ps64).min(end));
+                    // A run may claim more pages than the address space holds: it then
+                    // holds everything from `v` on.
+                    let (s, e) = (v.max(at), v.saturating_add(n.saturating_mul(ps64)).min(end));
                     if s >= e {
                         continue;
                     }
