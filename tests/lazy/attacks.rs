@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use page_pipe::page_server::wire::{Limits, Message, get_reply};
 
@@ -13,11 +14,13 @@ use super::*;
 enum Peer {
     /// Every `GET` as asked (page `q` from `BASE` holds `content(3, q)`); `CLOSE` with 0.
     Honest,
+    /// Answers `GET`s, never `CLOSE` (but reads on until the connection ends).
+    SilentClose,
 }
 
 /// Plays a page server on `s`, answering as `how` says, until the connection ends;
 /// returns the messages it read.
-fn fake_server(mut s: UnixStream, _how: Peer) -> std::thread::JoinHandle<Vec<Message>> {
+fn fake_server(mut s: UnixStream, how: Peer) -> std::thread::JoinHandle<Vec<Message>> {
     std::thread::spawn(move || {
         let ps = ps();
         let limits = Limits::default();
@@ -43,7 +46,9 @@ fn fake_server(mut s: UnixStream, _how: Peer) -> std::thread::JoinHandle<Vec<Mes
                     }
                 }
                 Message::Close | Message::ForceClose => {
-                    let _ = s.write_all(&0i32.to_ne_bytes());
+                    if how != Peer::SilentClose {
+                        let _ = s.write_all(&0i32.to_ne_bytes());
+                    }
                     let mut rest = Vec::new();
                     let _ = s.read_to_end(&mut rest);
                     return seen;
@@ -196,4 +201,40 @@ fn page_server_ranges_are_checked_not_overflowed() {
     assert_eq!(report.zero_pages, 0, "{report:?}");
     assert!(mem[..] == expected(0, 8)[..]);
     peer.join().unwrap();
+}
+
+/// A page server that never answers `CLOSE`: the restore is complete (every page in),
+/// and `stop` or a drop returns at once (they waited for the client's timeout, 60 s,
+/// while the thread that put the last page in waited for the answer).
+#[test]
+fn stop_does_not_wait_for_the_servers_answer_to_close() {
+    if !have_uffd("stop_does_not_wait_for_the_servers_answer_to_close") {
+        return;
+    }
+    for by_drop in [false, true] {
+        let (source, peer) = fake_source(Peer::SilentClose, [(BASE, 8)]);
+        let mut mem = fresh(8);
+        let r = start(source, BASE, &mut mem, &LazyOptions::default()).unwrap();
+        assert!(
+            r.wait_timeout(HANG),
+            "the prefetch did not bring every page in"
+        );
+        let t = Instant::now();
+        let report = if by_drop {
+            drop(r);
+            None
+        } else {
+            Some(r.stop().unwrap())
+        };
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_secs(10),
+            "by_drop {by_drop}: took {took:?}"
+        );
+        if let Some(report) = report {
+            check_report(&report, 8);
+        }
+        assert!(mem[..] == expected(0, 8)[..]);
+        peer.join().unwrap();
+    }
 }

@@ -432,6 +432,11 @@ impl Shared {
         }
     }
 
+    /// Shuts the page server connection down (if any), waking a thread blocked on it.
+    pub(super) fn shut_down_source(&self) {
+        self.reader.shut_down();
+    }
+
     /// Whether the restore has ended.
     pub(super) fn is_finished(&self) -> bool {
         self.ending().end.is_some()

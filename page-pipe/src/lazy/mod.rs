@@ -144,7 +144,8 @@
 //! page). [`wait`](LazyRestore::wait) returns the error; the program must not trust the
 //! memory. [`stop`](LazyRestore::stop), and dropping the handle, end a restore the same
 //! way (the report says how many pages were in), and also shut down the page server
-//! connection so that a thread waiting on it returns at once.
+//! connection so that a thread waiting on it returns at once (also one of a complete
+//! restore waiting for the server's answer to `CLOSE`).
 //!
 //! Pages the source does not hold are zeros (`UFFDIO_ZEROPAGE`), as an eager restore makes
 //! them, unless [`LazyOptions::strict`] refuses them before anything is registered. A
@@ -488,7 +489,9 @@ impl LazyRestore {
 
     /// Waits until every page is in (or the restore failed), joins its threads and
     /// says what it did. With [`LazyOptions::prefetch`] off this waits until every page
-    /// has been touched.
+    /// has been touched. With a page server, a complete restore also waits for the
+    /// server's answer to `CLOSE` (at most the client's timeout); [`stop`](Self::stop)
+    /// does not.
     ///
     /// # Errors
     /// [`LazyError`] when the source or the userfaultfd failed; the range was
@@ -498,8 +501,10 @@ impl LazyRestore {
     }
 
     /// Stops the restore now (if it has not ended): the range is unregistered, threads
-    /// waiting on its faults are woken (pages not yet in read as zeros), the threads are
-    /// joined. Returns the report (`complete` says whether every page was in).
+    /// waiting on its faults are woken (pages not yet in read as zeros), the page server
+    /// connection (if any) is shut down, even while a complete restore closes its
+    /// session, and the threads are joined. Returns the report (`complete` says whether
+    /// every page was in).
     ///
     /// # Errors
     /// The restore's error, if it had failed before.
@@ -510,6 +515,9 @@ impl LazyRestore {
     fn end(&mut self, stop: bool) -> Result<LazyReport, LazyError> {
         if stop {
             self.shared.finish(End::Stopped);
+            // A restore that completed may be closing its page server session (`CLOSE`,
+            // waiting for the answer): a stop does not wait for the server either.
+            self.shared.shut_down_source();
         }
         self.shared.wait_end(None);
         let mut panicked = None;
