@@ -238,3 +238,33 @@ fn stop_does_not_wait_for_the_servers_answer_to_close() {
         peer.join().unwrap();
     }
 }
+
+/// `with_page_server` on a source made by `page_server` keeps the image id and the
+/// runs (it dropped the runs, and every page came out zeros).
+#[test]
+fn a_page_server_replacing_another_keeps_its_runs() {
+    if !have_uffd("a_page_server_replacing_another_keeps_its_runs") {
+        return;
+    }
+    let (unused, _theirs) = UnixStream::pair().unwrap();
+    let first = PageServerClient::from_unix(unused).unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let peer = fake_server(theirs, Peer::Honest);
+    let source = LazySource::page_server(first, 1, [(BASE, 8)])
+        .with_page_server(PageServerClient::from_unix(ours).unwrap());
+    let mut mem = fresh(8);
+    let r = start(source, BASE, &mut mem, &LazyOptions::default()).unwrap();
+    let report = finish(r).unwrap();
+    check_report(&report, 8);
+    assert_eq!(report.zero_pages, 0, "{report:?}");
+    assert!(
+        mem[..] == expected(0, 8)[..],
+        "pages from the second server"
+    );
+    let gets = peer.join().unwrap();
+    assert!(
+        gets.iter()
+            .any(|m| matches!(m, Message::Get { id: 1, vaddr, .. } if *vaddr == BASE)),
+        "{gets:?}"
+    );
+}
