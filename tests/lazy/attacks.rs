@@ -14,6 +14,14 @@ use super::*;
 enum Peer {
     /// Every `GET` as asked (page `q` from `BASE` holds `content(3, q)`); `CLOSE` with 0.
     Honest,
+    /// One page for every `GET`, whatever was asked (allowed: its run may end there).
+    OnePage,
+    /// Answers for the next page's address.
+    OtherAddress,
+    /// One page more than asked.
+    MorePages,
+    /// The header for what was asked, half a page, then the end of the connection.
+    CutShort,
     /// Answers `GET`s, never `CLOSE` (but reads on until the connection ends).
     SilentClose,
 }
@@ -37,9 +45,24 @@ fn fake_server(mut s: UnixStream, how: Peer) -> std::thread::JoinHandle<Vec<Mess
             match m {
                 Message::Get { id, vaddr, pages } => {
                     let at = ((vaddr - BASE) / ps as u64) as usize;
-                    let mut out = get_reply(id, vaddr, pages).to_vec();
-                    for q in at..at + pages as usize {
+                    let n = match how {
+                        Peer::OnePage => 1,
+                        Peer::MorePages => pages + 1,
+                        _ => pages,
+                    };
+                    let reply_at = if how == Peer::OtherAddress {
+                        vaddr + ps as u64
+                    } else {
+                        vaddr
+                    };
+                    let mut out = get_reply(id, reply_at, n).to_vec();
+                    for q in at..at + n as usize {
                         out.extend(content(3, q));
+                    }
+                    if how == Peer::CutShort {
+                        out.truncate(32 + ps / 2);
+                        let _ = s.write_all(&out);
+                        return seen;
                     }
                     if s.write_all(&out).is_err() {
                         return seen;
@@ -267,4 +290,164 @@ fn a_page_server_replacing_another_keeps_its_runs() {
             .any(|m| matches!(m, Message::Get { id: 1, vaddr, .. } if *vaddr == BASE)),
         "{gets:?}"
     );
+}
+
+/// A page server that lies in its `GET` replies (pages for another address, more than
+/// asked, a reply cut short): the restore fails with `Remote` naming the peer, every
+/// faulting thread returns, and the memory holds the server's pages or zeros. One that
+/// sends a page at a time (less than asked, which is allowed) restores every page.
+/// (This held.)
+#[test]
+fn lying_page_servers_fail_the_restore_and_release_every_thread() {
+    if !have_uffd("lying_page_servers_fail_the_restore_and_release_every_thread") {
+        return;
+    }
+    let ps = ps();
+    let faults = LazyOptions {
+        prefetch: false,
+        fault_pages: 4,
+        ..LazyOptions::default()
+    };
+    for how in [Peer::OtherAddress, Peer::MorePages, Peer::CutShort] {
+        for opts in [faults, LazyOptions::default()] {
+            let (source, peer) = fake_source(how, [(BASE, 16)]);
+            let mut mem = fresh(16);
+            let r = start(source, BASE, &mut mem, &opts).unwrap();
+            let got = touch_all(mem.as_ptr() as usize, mem.len(), 3, 5)
+                .unwrap_or_else(|| panic!("{how:?}: a faulting thread hung"));
+            let e = finish(r).unwrap_err();
+            let LazyError::Remote { error, .. } = &e else {
+                panic!("{how:?}: {e:?}");
+            };
+            assert!(
+                error.to_string().contains("a Unix socket peer"),
+                "{how:?}: {error}"
+            );
+            for (p, page) in got.chunks(ps).enumerate() {
+                assert!(
+                    page == &content(3, p)[..] || page.iter().all(|&b| b == 0),
+                    "{how:?}: page {p} neither the server's nor zeros"
+                );
+            }
+            assert!(
+                mem[..] == got[..],
+                "{how:?}: memory changed after the failure"
+            );
+            drop(mem);
+            peer.join().unwrap();
+        }
+    }
+    for opts in [faults, LazyOptions::default()] {
+        let (source, peer) = fake_source(Peer::OnePage, [(BASE, 16)]);
+        let mut mem = fresh(16);
+        let r = start(source, BASE, &mut mem, &opts).unwrap();
+        let got = touch_all(mem.as_ptr() as usize, mem.len(), 3, 5).expect("hung");
+        let report = finish(r).unwrap();
+        check_report(&report, 16);
+        assert!(got == expected(0, 16), "{opts:?}");
+        peer.join().unwrap();
+    }
+}
+
+/// A destination partly unmapped, or a private file mapping, is refused before
+/// anything is registered, naming what is there. Alone: the test unmaps a page in the
+/// middle of its mapping, which nothing else in the process may take meanwhile. (This
+/// held.)
+#[test]
+fn destinations_partly_unmapped_or_file_backed_are_refused() {
+    if !alone("attacks::destinations_partly_unmapped_or_file_backed_are_refused") {
+        return;
+    }
+    if !have_uffd("destinations_partly_unmapped_or_file_backed_are_refused") {
+        return;
+    }
+    let ps = ps();
+    let root = TempDir::new("lazy-holes");
+    let dir = root.path().join("1");
+    full_image(&dir, 8);
+    let img = Arc::new(Image::open(&dir).unwrap());
+    let d = LazyOptions::default();
+    // SAFETY: a new mapping of 8 pages, this test's own.
+    let base = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            8 * ps,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE,
+        )
+    }
+    .unwrap()
+    .cast::<u8>();
+    // SAFETY: page 3 of that mapping; nothing refers to it.
+    unsafe { rustix::mm::munmap(base.add(3 * ps).cast(), ps) }.unwrap();
+    // SAFETY: refused before anything touches the memory (the test's own mapping).
+    let e =
+        unsafe { LazyRestore::start(LazySource::image(Arc::clone(&img)), BASE, base, 8 * ps, &d) }
+            .unwrap_err();
+    assert!(
+        matches!(e, LazyError::NotAnonymous { host, len, ref mapping }
+            if host == base as usize && len == 8 * ps && mapping.contains("partly not mapped")),
+        "{e:?}"
+    );
+    // SAFETY: the two parts of the test's mapping left; the hole is not touched.
+    unsafe {
+        rustix::mm::munmap(base.cast(), 3 * ps).unwrap();
+        rustix::mm::munmap(base.add(4 * ps).cast(), 4 * ps).unwrap();
+    }
+    // A private mapping of a file: copy-on-write, but its pages come from the file.
+    let path = root.path().join("file");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.set_len(8 * ps as u64).unwrap();
+    // SAFETY: the test's own file, changed by nobody while mapped.
+    let mut mapped = unsafe { memmap2::MmapOptions::new().map_copy(&f) }.unwrap();
+    let e = start(LazySource::image(img), BASE, &mut mapped, &d).unwrap_err();
+    assert!(
+        matches!(&e, LazyError::NotAnonymous { mapping, .. } if mapping.contains("file")),
+        "{e:?}"
+    );
+}
+
+/// No thread or descriptor left after a restore failed by a lying server, and after a
+/// stop while the session closes. (This held, but the stop took the client's timeout,
+/// 60 s, before its fix.)
+#[test]
+fn lies_and_stops_leave_no_threads_or_descriptors() {
+    if !alone("attacks::lies_and_stops_leave_no_threads_or_descriptors") {
+        return;
+    }
+    if !have_uffd("lies_and_stops_leave_no_threads_or_descriptors") {
+        return;
+    }
+    let (fds, threads) = (open_fds(), tasks());
+    let check = |what: &str| {
+        for _ in 0..100 {
+            if (open_fds(), tasks()) == (fds, threads) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!((open_fds(), tasks()), (fds, threads), "after {what}");
+    };
+    for how in [Peer::CutShort, Peer::MorePages] {
+        let (source, peer) = fake_source(how, [(BASE, 64)]);
+        let mut mem = fresh(64);
+        let r = start(source, BASE, &mut mem, &LazyOptions::default()).unwrap();
+        touch_all(mem.as_ptr() as usize, mem.len(), 2, 3).expect("hung");
+        finish(r).unwrap_err();
+        peer.join().unwrap();
+        check("a lying server");
+    }
+    let (source, peer) = fake_source(Peer::SilentClose, [(BASE, 64)]);
+    let mut mem = fresh(64);
+    let r = start(source, BASE, &mut mem, &LazyOptions::default()).unwrap();
+    assert!(r.wait_timeout(HANG));
+    r.stop().unwrap();
+    peer.join().unwrap();
+    check("a stop while the session closes");
 }
