@@ -6,12 +6,16 @@
 //! This module opts in to `unsafe` (the crate denies it elsewhere but in the few modules
 //! DESIGN.md lists): it makes the kernel write into the destination. The promise it keeps:
 //! it writes only pages of the range [`LazyRestore::start`](super::LazyRestore::start)
-//! was handed (whose caller promised they are its to fill), only through the
-//! userfaultfd that range is registered with (the kernel refuses pages no longer
-//! registered with it, `ENOENT`), only pages not yet present (`UFFDIO_COPY` and
-//! `UFFDIO_ZEROPAGE` never replace a page: `EEXIST`), and only from buffers this module
-//! owns. Discarding the range's old contents at the start (`MADV_DONTNEED`) is the one
-//! write that replaces memory; the caller's contract covers it.
+//! was handed (whose caller promised they are its to fill), only pages not yet present
+//! (`UFFDIO_COPY` and `UFFDIO_ZEROPAGE` never replace a page: `EEXIST`), only while the
+//! range is registered, and only from buffers this module owns. The kernel fills pages
+//! only where *a* userfaultfd of the process registers them (`ENOENT` elsewhere); it
+//! does not check that it is the one the fill goes through. So once the restore ends
+//! and unregisters the range, a fill still under way fails, unless someone registered
+//! the range again meanwhile, which the caller promised not to do before the restore's
+//! threads are joined (`wait`, `stop`, drop). Discarding the range's old contents at the
+//! start (`MADV_DONTNEED`) is the one write that replaces memory; the caller's contract
+//! covers it.
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -252,8 +256,9 @@ impl Shared {
             // - `dst..dst + len` is within the destination: `p` and the pages of `src`
             //   are within the range (the callers take them from the plan);
             // - the destination is the caller's to fill (`start`'s contract), and the
-            //   kernel fills only pages not present and registered with this
-            //   userfaultfd, so no byte anyone could have read is replaced;
+            //   kernel fills only pages not present in a range a userfaultfd registers:
+            //   ours until the restore ends, no other before its threads are joined
+            //   (`start`'s contract), so no byte anyone could have read is replaced;
             // - `src[off..]` is this thread's buffer, mapped and readable for the call.
             let r = unsafe {
                 self.uffd.copy(
@@ -311,8 +316,9 @@ impl Shared {
             // - pages `at..end` are within the destination (the callers take them from
             //   the plan);
             // - the destination is the caller's to fill (`start`'s contract), and the
-            //   kernel fills only pages not present and registered with this
-            //   userfaultfd.
+            //   kernel fills only pages not present in a range a userfaultfd registers:
+            //   ours until the restore ends, no other before its threads are joined
+            //   (`start`'s contract).
             let r = unsafe {
                 self.uffd.zeropage(
                     std::ptr::without_provenance_mut(self.host_of(at)),

@@ -53,8 +53,11 @@
 //! - the range is fresh private anonymous memory (one mapping or several adjacent ones,
 //!   whatever their protections) that is the caller's to fill: whatever it held is
 //!   discarded at the start (`MADV_DONTNEED`), so no reference into it may be alive
-//!   across the call; no one else registers it with a userfaultfd (that would be
-//!   `EBUSY` anyway); it stays mapped, and is not discarded, moved or remapped meanwhile;
+//!   across the call; no one else registers it with a userfaultfd (that is `EBUSY`
+//!   while the restore runs; once [`is_finished`](LazyRestore::is_finished) says it
+//!   ended, its threads may still be finishing a fill, which the kernel lets into a
+//!   range any userfaultfd of the process registers: not before `wait`, `stop` or the
+//!   drop returned); it stays mapped, and is not discarded, moved or remapped meanwhile;
 //!   and no thread touches it until `start` has returned;
 //! - the threads that fault in it are not the restore's dependencies: nothing the
 //!   restore's threads use lives there (the allocator's heap, a thread stack, a lock),
