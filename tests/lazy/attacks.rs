@@ -451,3 +451,40 @@ fn lies_and_stops_leave_no_threads_or_descriptors() {
     peer.join().unwrap();
     check("a stop while the session closes");
 }
+
+/// A locked destination (`mlock`): `MADV_DONTNEED` refuses it, and `start` fails with
+/// `Discard`, naming the destination and the errno (it was `System` with a sentence
+/// and no address); nothing stays registered (a second start after `munlock` runs to
+/// the end), and until then the memory holds what it held.
+#[test]
+fn a_locked_destination_is_refused_naming_it() {
+    if !have_uffd("a_locked_destination_is_refused_naming_it") {
+        return;
+    }
+    let ps = ps();
+    let root = TempDir::new("lazy-locked");
+    let all = full_image(root.path(), 8);
+    let img = Arc::new(Image::open(root.path()).unwrap());
+    let mut mem = fresh(8);
+    mem.fill(0x5a);
+    // SAFETY: the test's own mapping.
+    if let Err(e) = unsafe { rustix::mm::mlock(mem.as_mut_ptr().cast(), mem.len()) } {
+        eprintln!("SKIPPED a_locked_destination_is_refused_naming_it: mlock: {e}");
+        return;
+    }
+    let host = mem.as_ptr() as usize;
+    let d = LazyOptions::default();
+    let e = start(LazySource::image(Arc::clone(&img)), BASE, &mut mem, &d).unwrap_err();
+    assert!(
+        matches!(e, LazyError::Discard { host: h, len, errno: Errno::INVAL }
+            if h == host && len == 8 * ps),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains(&format!("{host:#x}")), "{e}");
+    assert!(mem.iter().all(|&b| b == 0x5a), "the memory as it was");
+    // SAFETY: the test's own mapping.
+    unsafe { rustix::mm::munlock(mem.as_mut_ptr().cast(), mem.len()) }.unwrap();
+    let r = start(LazySource::image(img), BASE, &mut mem, &d).unwrap();
+    check_report(&finish(r).unwrap(), 8);
+    assert!(mem[..] == all[..]);
+}

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use page_pipe_sys::{CopyMode, Errno, PartialFill, Uffd, UffdEvent, ZeropageMode};
 
-use super::error::FillOp;
+use super::error::{FillOp, LazyThread};
 use super::source::{From, Plan, Reader, Who};
 use super::{LazyError, LazyReport};
 
@@ -179,8 +179,9 @@ impl Shared {
                 rustix::mm::Advice::LinuxDontNeed,
             )
         };
-        r.map_err(|errno| LazyError::System {
-            what: "discard the destination's old contents (madvise MADV_DONTNEED)",
+        r.map_err(|errno| LazyError::Discard {
+            host: self.host,
+            len: self.len,
             errno,
         })?;
         *self.started.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
@@ -509,7 +510,7 @@ impl Shared {
     /// The fault thread: waits for faults and serves each, the faulting page first, then
     /// the rest of its run when no other fault waits.
     pub(super) fn serve_faults(self: &Arc<Self>, stop: OwnedFd, cfg: FaultConfig) {
-        let _guard = PanicGuard(self, "fault");
+        let _guard = PanicGuard(self, LazyThread::Fault);
         let ps = self.ps;
         let mut buf = vec![0u8; cfg.run as usize * ps];
         let mut events = Vec::with_capacity(64);
@@ -645,7 +646,7 @@ impl Shared {
     /// A prefetch thread: claims the next [`CLAIM`] pages of the range in address order
     /// until none is left, and brings those not yet in in, `step` pages at a time.
     pub(super) fn prefetch(self: &Arc<Self>, step: u64) {
-        let _guard = PanicGuard(self, "prefetch");
+        let _guard = PanicGuard(self, LazyThread::Prefetch);
         let mut buf = vec![0u8; step as usize * self.ps];
         loop {
             let first = self.next_claim.fetch_add(CLAIM, Ordering::AcqRel);
@@ -684,7 +685,7 @@ fn push(backlog: &mut VecDeque<(u64, u64)>, run: (u64, u64)) {
 
 /// Ends the restore if its thread panics, so that no faulting thread waits for a thread
 /// that is gone.
-struct PanicGuard<'a>(&'a Shared, &'static str);
+struct PanicGuard<'a>(&'a Shared, LazyThread);
 
 impl Drop for PanicGuard<'_> {
     fn drop(&mut self) {

@@ -176,7 +176,7 @@ use std::time::Duration;
 use page_pipe_sys::{Errno, Uffd, UffdFeatures, UffdFlags, UffdIoctls};
 
 pub use crate::track::{Privilege, Via};
-pub use error::{FillOp, LazyError};
+pub use error::{FillOp, LazyError, LazyThread, SystemOp};
 pub use source::{LazySource, runs_held};
 
 use handler::{End, FaultConfig, Shared};
@@ -332,9 +332,9 @@ fn pin(cpu: usize) -> Result<(), Errno> {
     sched_setaffinity(None, &set)
 }
 
-fn spawn_error(what: &'static str) -> impl FnOnce(std::io::Error) -> LazyError {
+fn spawn_error(thread: LazyThread) -> impl FnOnce(std::io::Error) -> LazyError {
     move |e| LazyError::System {
-        what,
+        op: SystemOp::Spawn(thread),
         errno: crate::track::io_errno(&e),
     }
 }
@@ -358,14 +358,16 @@ impl LazyRestore {
     /// `EFAULT`.
     ///
     /// # Errors
-    /// Nothing stays registered after an error, and the destination is as it was
-    /// (unless discarding its old contents itself failed, [`LazyError::System`]).
+    /// Nothing stays registered after an error, and the destination is as it was (but
+    /// for [`LazyError::Discard`] on a destination of several mappings, where the
+    /// mappings before the one that refused may have been discarded).
     /// [`LazyError::BadDestination`];
     /// [`LazyError::Plan`] or [`LazyError::NotHeld`] (a bad range, a broken chain, or a
     /// strict restore with pages no source holds); [`LazyError::NotAnonymous`];
     /// [`LazyError::Open`], [`LazyError::Privilege`], [`LazyError::Api`]: no suitable
     /// userfaultfd; [`LazyError::Register`], [`LazyError::Unsupported`];
-    /// [`LazyError::Pin`]; [`LazyError::System`] (a pipe or a thread could not be made).
+    /// [`LazyError::Discard`] (locked memory); [`LazyError::Pin`]; [`LazyError::System`]
+    /// (a pipe or a thread could not be made).
     #[allow(unsafe_code)] // declares the contract above; `handler` keeps its side of it
     pub unsafe fn start(
         source: LazySource,
@@ -385,7 +387,7 @@ impl LazyRestore {
         let (plan, reader) = source.prepare(vaddr, pages, ps, opts.strict)?;
 
         let maps = crate::track::maps::read_maps().map_err(|e| LazyError::System {
-            what: "read /proc/self/maps",
+            op: SystemOp::ReadMaps,
             errno: crate::track::io_errno(&e),
         })?;
         if !crate::track::maps::all_anon_private(&maps, host, end) {
@@ -400,7 +402,7 @@ impl LazyRestore {
         uffd.api(UffdFeatures::empty())
             .map_err(|errno| LazyError::Api { errno })?;
         let stop = page_pipe_sys::pipe().map_err(|errno| LazyError::System {
-            what: "make the fault thread's stop pipe",
+            op: SystemOp::StopPipe,
             errno,
         })?;
         let shared = Arc::new(Shared::new(uffd, host, len, ps, plan, reader, stop.write));
@@ -424,7 +426,7 @@ impl LazyRestore {
                     s.serve_faults(read, cfg);
                 }
             })
-            .map_err(spawn_error("start the fault thread"))?;
+            .map_err(spawn_error(LazyThread::Fault))?;
         let mut restore = LazyRestore {
             shared,
             fault: Some(fault),
@@ -443,7 +445,11 @@ impl LazyRestore {
                     errno,
                 });
             }
-            Err(_) => return Err(LazyError::Panicked { thread: "fault" }),
+            Err(_) => {
+                return Err(LazyError::Panicked {
+                    thread: LazyThread::Fault,
+                });
+            }
         }
         let ioctls = restore.shared.register()?;
         let needed = [
@@ -462,7 +468,7 @@ impl LazyRestore {
                 let t = std::thread::Builder::new()
                     .name("pp-lazy-fetch".into())
                     .spawn(move || s.prefetch(step))
-                    .map_err(spawn_error("start a prefetch thread"))?;
+                    .map_err(spawn_error(LazyThread::Prefetch))?;
                 restore.prefetch.push(t);
             }
         }
@@ -524,19 +530,21 @@ impl LazyRestore {
         }
         self.shared.wait_end(None);
         let mut panicked = None;
-        let threads = self.fault.take().into_iter().map(|t| (t, "fault"));
-        let prefetch = self.prefetch.drain(..).map(|t| (t, "prefetch"));
+        let threads = self
+            .fault
+            .take()
+            .into_iter()
+            .map(|t| (t, LazyThread::Fault));
+        let prefetch = self.prefetch.drain(..).map(|t| (t, LazyThread::Prefetch));
         for (t, name) in threads.chain(prefetch).collect::<Vec<_>>() {
             if t.join().is_err() {
                 panicked = Some(name);
             }
         }
         let report = self.shared.report();
-        match self.shared.take_end() {
-            Some(End::Failed(e)) => Err(e),
-            _ if panicked.is_some() => Err(LazyError::Panicked {
-                thread: panicked.unwrap_or_default(),
-            }),
+        match (self.shared.take_end(), panicked) {
+            (Some(End::Failed(e)), _) => Err(e),
+            (_, Some(thread)) => Err(LazyError::Panicked { thread }),
             _ => Ok(report),
         }
     }
