@@ -488,3 +488,13 @@ fn a_locked_destination_is_refused_naming_it() {
     check_report(&finish(r).unwrap(), 8);
     assert!(mem[..] == all[..]);
 }
+
+/// The handle and the source may move to and be shared with other threads (a VMM
+/// starts the restore on one thread and waits on another). (This held.)
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<LazyRestore>();
+    send_sync::<LazySource>();
+    send_sync::<LazyError>();
+}
