@@ -498,3 +498,41 @@ fn handles_are_send_and_sync() {
     send_sync::<LazySource>();
     send_sync::<LazyError>();
 }
+
+/// Prefetch off, from a page server that ends idle sessions: a program that touches no
+/// new page for that long finds the session gone at its next fault, which returns (the
+/// page reads as zeros) and fails the restore with `Remote`, as the docs of
+/// `LazyOptions::prefetch` now warn. (This held; the docs did not say it.)
+#[test]
+fn an_idle_session_ended_by_the_server_fails_the_restore() {
+    if !have_uffd("an_idle_session_ended_by_the_server_fails_the_restore") {
+        return;
+    }
+    let root = TempDir::new("lazy-idle");
+    let all = full_image(root.path(), 8);
+    let config = ServerConfig {
+        idle_timeout: Some(Duration::from_millis(200)),
+        ..ServerConfig::new(root.path())
+    };
+    let s = PageServer::bind("127.0.0.1:0", config)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let opts = LazyOptions {
+        prefetch: false,
+        fault_pages: 1,
+        ..LazyOptions::default()
+    };
+    let source = LazySource::page_server(client(&s), 1, [(BASE, 8)]);
+    let mut mem = fresh(8);
+    let r = start(source, BASE, &mut mem, &opts).unwrap();
+    let host = mem.as_ptr() as usize;
+    let first = touch_all(host, ps(), 1, 1).expect("hung");
+    assert!(first[..] == all[..ps()]);
+    std::thread::sleep(Duration::from_millis(800));
+    let second = touch_all(host + ps(), ps(), 1, 1).expect("a faulting thread hung");
+    assert!(second.iter().all(|&b| b == 0), "the session was gone");
+    let e = finish(r).unwrap_err();
+    assert!(matches!(e, LazyError::Remote { .. }), "{e:?}");
+    s.stop();
+}

@@ -148,7 +148,9 @@
 //! memory. [`stop`](LazyRestore::stop), and dropping the handle, end a restore the same
 //! way (the report says how many pages were in), and also shut down the page server
 //! connection so that a thread waiting on it returns at once (also one of a complete
-//! restore waiting for the server's answer to `CLOSE`).
+//! restore waiting for the server's answer to `CLOSE`). A page server that ends a
+//! session it finds idle fails a restore that asks for nothing for that long (prefetch
+//! off; see [`LazyOptions::prefetch`]).
 //!
 //! Pages the source does not hold are zeros (`UFFDIO_ZEROPAGE`), as an eager restore makes
 //! them, unless [`LazyOptions::strict`] refuses them before anything is registered. A
@@ -199,6 +201,10 @@ pub struct LazyOptions {
     pub fault_pages: u64,
     /// Bring every page in in the background, in address order (default true). Without
     /// it, pages come in only when touched, and the restore ends when every page has been.
+    /// From a page server that ends idle sessions (this crate's does after
+    /// [`ServerConfig::idle_timeout`](crate::page_server::ServerConfig::idle_timeout),
+    /// 60 s by default), a restore without prefetch fails when the program touches no new
+    /// page for that long: serve lazy restores without an idle timeout, or prefetch.
     pub prefetch: bool,
     /// Pages a prefetch thread reads and copies at a time (default 64: the median
     /// fault and the full pass measured the same from 16 to 256 here); at least 1.
