@@ -376,6 +376,20 @@ impl fmt::Display for LazyError {
     }
 }
 
+impl LazyError {
+    /// Whether this is a page server request that found the connection broken by an
+    /// earlier failed request: an echo of that request's error, not a cause.
+    pub(super) fn is_echo(&self) -> bool {
+        matches!(
+            self,
+            LazyError::Remote {
+                error: ClientError::Broken { .. },
+                ..
+            }
+        )
+    }
+}
+
 impl std::error::Error for LazyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {

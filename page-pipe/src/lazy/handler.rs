@@ -409,7 +409,13 @@ impl Shared {
     /// told to stop, and waiters on the handle are woken.
     pub(super) fn finish(&self, end: End) {
         let mut st = self.ending();
-        if st.end.is_some() {
+        if let Some(first) = &st.end {
+            // A thread whose request found the page server connection broken by another
+            // thread's failed request may get here first: the cause is the other's.
+            let echo = matches!(first, End::Failed(e) if e.is_echo());
+            if echo && matches!(&end, End::Failed(e) if !e.is_echo()) {
+                st.end = Some(end);
+            }
             return;
         }
         self.stopping.store(true, Ordering::Release);
@@ -693,5 +699,64 @@ impl Drop for PanicGuard<'_> {
             self.0
                 .finish(End::Failed(LazyError::Panicked { thread: self.1 }));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lazy::LazySource;
+    use crate::page_server::wire::Expected;
+    use crate::page_server::{ClientError, PageServerClient, Peer};
+
+    /// Two threads share the page server client: the one whose request failed breaks
+    /// it, and the other, asking next, gets `Broken`. Whichever ends the restore first,
+    /// its error is the cause, not the echo.
+    #[test]
+    fn the_cause_wins_over_the_broken_connection_it_left() {
+        let flags = page_pipe_sys::UffdFlags::NONBLOCK | page_pipe_sys::UffdFlags::USER_MODE_ONLY;
+        let Ok(uffd) = Uffd::open(flags) else {
+            eprintln!("SKIPPED the_cause_wins_over_the_broken_connection_it_left: no userfaultfd");
+            return;
+        };
+        let ps = crate::page_size();
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let client = PageServerClient::from_unix(ours).unwrap();
+        let (plan, reader) = LazySource::page_server(client, 1, [(0, 1)])
+            .prepare(0, 1, ps, false)
+            .unwrap();
+        let stop = page_pipe_sys::pipe().unwrap();
+        // Never registered: `finish` unregisters nothing.
+        let shared = Shared::new(uffd, ps, ps, ps, plan, reader, stop.write);
+        let peer = || Peer::Unix(None);
+        let echo = || LazyError::Remote {
+            vaddr: 0,
+            pages: 1,
+            error: ClientError::Broken { peer: peer() },
+        };
+        shared.finish(End::Failed(echo()));
+        shared.finish(End::Failed(LazyError::Remote {
+            vaddr: 0,
+            pages: 4,
+            error: ClientError::Closed {
+                peer: peer(),
+                expected: Expected::GetReply,
+                got: 0,
+            },
+        }));
+        shared.finish(End::Failed(echo()));
+        shared.finish(End::Stopped);
+        let end = shared.take_end();
+        assert!(
+            matches!(
+                end,
+                Some(End::Failed(LazyError::Remote {
+                    pages: 4,
+                    error: ClientError::Closed { .. },
+                    ..
+                }))
+            ),
+            "{end:?}"
+        );
     }
 }
