@@ -536,3 +536,73 @@ fn an_idle_session_ended_by_the_server_fails_the_restore() {
     assert!(matches!(e, LazyError::Remote { .. }), "{e:?}");
     s.stop();
 }
+
+/// A chain whose parent changes after it was opened: replaced (a new image written over
+/// its directory), the restore still reads the parent it opened, byte for byte as
+/// `Image::read` read it then; truncated, the restore fails with `Read` naming the
+/// parent's pages file. (This held.)
+#[test]
+fn a_parent_changed_after_open() {
+    if !have_uffd("a_parent_changed_after_open") {
+        return;
+    }
+    let root = TempDir::new("lazy-parent");
+    let pages = 8;
+    let levels = vec![vec![Held::Present; pages], vec![Held::Parent; pages]];
+    for truncate in [false, true] {
+        let dir = root.path().join(truncate.to_string());
+        let dirs = write_chain(&dir, &levels);
+        let img = Image::open(&dirs[1]).unwrap();
+        let mut want = vec![0u8; pages * ps()];
+        img.read(BASE, &mut want).unwrap();
+        let parent_pages = dirs[0].join("pages-1.img");
+        if truncate {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&parent_pages)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+        } else {
+            // Another image committed where the parent was: other bytes, same names.
+            std::fs::remove_dir_all(&dirs[0]).unwrap();
+            let mut w = ImageWriter::create(&dirs[0], 1).unwrap().with_sync(false);
+            let e = PagemapEntry {
+                vaddr: BASE,
+                pages: pages as u64,
+                flags: PageFlags::PRESENT,
+            };
+            let bytes: Vec<u8> = (0..pages).flat_map(|p| content(7, p)).collect();
+            w.push_bytes(e, &bytes).unwrap();
+            w.finish().unwrap();
+            let mut now = vec![0u8; pages * ps()];
+            Image::open(&dirs[0]).unwrap().read(BASE, &mut now).unwrap();
+            assert!(now != want, "the new parent holds other bytes");
+        }
+        let mut mem = fresh(pages);
+        let r = start(
+            LazySource::image(img),
+            BASE,
+            &mut mem,
+            &LazyOptions::default(),
+        )
+        .unwrap();
+        let got = touch_all(mem.as_ptr() as usize, mem.len(), 2, 1).expect("hung");
+        match finish(r) {
+            Ok(report) if !truncate => {
+                check_report(&report, pages);
+                assert!(got == want, "the parent as opened");
+            }
+            Err(LazyError::Read {
+                error: ImageError::ShortRead { path, .. },
+                ..
+            }) if truncate => {
+                // Named through the child's `parent` link.
+                let real = std::fs::canonicalize(&path).unwrap();
+                assert_eq!(real, std::fs::canonicalize(&parent_pages).unwrap());
+                assert!(path.ends_with("parent/pages-1.img"), "{path:?}");
+            }
+            other => panic!("truncate {truncate}: {other:?}"),
+        }
+    }
+}
