@@ -349,10 +349,10 @@ fn lying_page_servers_fail_the_restore_and_release_every_thread() {
     }
 }
 
-/// A destination partly unmapped, or a private file mapping, is refused before
-/// anything is registered, naming what is there. Alone: the test unmaps a page in the
-/// middle of its mapping, which nothing else in the process may take meanwhile. (This
-/// held.)
+/// A destination partly unmapped, shared anonymous memory, or a private file mapping is
+/// refused before anything is registered, naming what is there. Alone: the test unmaps
+/// a page in the middle of its mapping, which nothing else in the process may take
+/// meanwhile. (This held.)
 #[test]
 fn destinations_partly_unmapped_or_file_backed_are_refused() {
     if !alone("attacks::destinations_partly_unmapped_or_file_backed_are_refused") {
@@ -394,6 +394,35 @@ fn destinations_partly_unmapped_or_file_backed_are_refused() {
         rustix::mm::munmap(base.cast(), 3 * ps).unwrap();
         rustix::mm::munmap(base.add(4 * ps).cast(), 4 * ps).unwrap();
     }
+    // Shared anonymous memory (shmem): a discard would not drop its pages.
+    // SAFETY: a new mapping of 8 pages, this test's own.
+    let shared = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            8 * ps,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::SHARED,
+        )
+    }
+    .unwrap()
+    .cast::<u8>();
+    // SAFETY: refused before anything touches the memory (the test's own mapping).
+    let e = unsafe {
+        LazyRestore::start(
+            LazySource::image(Arc::clone(&img)),
+            BASE,
+            shared,
+            8 * ps,
+            &d,
+        )
+    }
+    .unwrap_err();
+    assert!(
+        matches!(&e, LazyError::NotAnonymous { mapping, .. } if mapping.contains("shared")),
+        "{e:?}"
+    );
+    // SAFETY: the test's own mapping, unused from here on.
+    unsafe { rustix::mm::munmap(shared.cast(), 8 * ps) }.unwrap();
     // A private mapping of a file: copy-on-write, but its pages come from the file.
     let path = root.path().join("file");
     let f = std::fs::OpenOptions::new()

@@ -29,7 +29,7 @@ impl fmt::Display for FillOp {
 /// Why a lazy restore could not start, or could not bring every page in.
 ///
 /// After an error of [`LazyRestore::start`](super::LazyRestore::start) nothing is
-/// registered and the destination is as it was. Errors of
+/// registered and the destination is as it was (but see [`LazyError::Discard`]). Errors of
 /// [`wait`](super::LazyRestore::wait) come after the range was unregistered: pages
 /// brought in hold the image's bytes, the others read as zeros (see the
 /// [module docs](super#when-the-source-fails)).
