@@ -540,7 +540,7 @@ fn an_idle_session_ended_by_the_server_fails_the_restore() {
     let root = TempDir::new("lazy-idle");
     let all = full_image(root.path(), 8);
     let config = ServerConfig {
-        idle_timeout: Some(Duration::from_millis(200)),
+        idle_timeout: Some(Duration::from_millis(500)),
         ..ServerConfig::new(root.path())
     };
     let s = PageServer::bind("127.0.0.1:0", config)
@@ -558,7 +558,7 @@ fn an_idle_session_ended_by_the_server_fails_the_restore() {
     let host = mem.as_ptr() as usize;
     let first = touch_all(host, ps(), 1, 1).expect("hung");
     assert!(first[..] == all[..ps()]);
-    std::thread::sleep(Duration::from_millis(800));
+    std::thread::sleep(Duration::from_millis(2000));
     let second = touch_all(host + ps(), ps(), 1, 1).expect("a faulting thread hung");
     assert!(second.iter().all(|&b| b == 0), "the session was gone");
     let e = finish(r).unwrap_err();
