@@ -24,6 +24,8 @@ use page_pipe_sys::{Errno, probe_userfaultfd};
 use page_pipe_tests::{TempDir, Unprivileged, alone, open_fds, unprivileged};
 use proptest::prelude::*;
 
+mod attacks;
+
 /// Where the test images live in the snapshot's address space.
 const BASE: u64 = 0x7f00_0000_0000;
 

@@ -29,7 +29,7 @@ impl fmt::Display for FillOp {
 /// Why a lazy restore could not start, or could not bring every page in.
 ///
 /// After an error of [`LazyRestore::start`](super::LazyRestore::start) nothing is
-/// registered and the destination is as it was. Errors of
+/// registered and the destination is as it was (but see [`LazyError::Discard`]). Errors of
 /// [`wait`](super::LazyRestore::wait) come after the range was unregistered: pages
 /// brought in hold the image's bytes, the others read as zeros (see the
 /// [module docs](super#when-the-source-fails)).
@@ -97,8 +97,10 @@ pub enum LazyError {
         /// The calls the range supports.
         ioctls: UffdIoctls,
     },
-    /// The image's plan for the range failed ([`ImageError::BadRange`],
-    /// [`ImageError::NotInParent`], or [`ImageError::NotInImage`] for a strict restore).
+    /// The plan for the range failed: [`ImageError::BadRange`] for a range of the
+    /// snapshot that is not whole pages in the address space (from any source),
+    /// [`ImageError::NotInParent`] for a broken chain, or [`ImageError::NotInImage`] for
+    /// a strict restore.
     Plan(ImageError),
     /// A strict restore from a page server: a page of the range is in none of the runs
     /// the server was said to hold.
@@ -156,18 +158,81 @@ pub enum LazyError {
         /// The errno of `sched_setaffinity(2)` (`EINVAL`: no such CPU, or not allowed).
         errno: Errno,
     },
+    /// Discarding the destination's old contents (`MADV_DONTNEED`) failed (`EINVAL`:
+    /// locked memory, `mlock(2)`); the range was unregistered again, its contents as they
+    /// were (on a destination of several mappings, those before the one that refused may
+    /// have been discarded).
+    Discard {
+        /// The destination's address.
+        host: usize,
+        /// Its length in bytes.
+        len: usize,
+        /// The errno of `madvise(2)`.
+        errno: Errno,
+    },
     /// A system call besides the userfaultfd ones failed.
     System {
         /// What was being done.
-        what: &'static str,
+        op: SystemOp,
         /// The errno.
         errno: Errno,
     },
     /// A thread of the restore panicked; the range was unregistered.
     Panicked {
         /// Which thread.
-        thread: &'static str,
+        thread: LazyThread,
     },
+}
+
+/// What a lazy restore was doing when a system call failed ([`LazyError::System`]).
+///
+/// ```
+/// use page_pipe::lazy::{LazyThread, SystemOp};
+/// assert_eq!(SystemOp::Spawn(LazyThread::Prefetch).to_string(), "start the prefetch thread");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SystemOp {
+    /// Reading `/proc/self/maps` to check the destination.
+    ReadMaps,
+    /// Making the fault thread's stop pipe.
+    StopPipe,
+    /// Starting a thread.
+    Spawn(LazyThread),
+}
+
+impl fmt::Display for SystemOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SystemOp::ReadMaps => f.write_str("read /proc/self/maps"),
+            SystemOp::StopPipe => f.write_str("make the fault thread's stop pipe"),
+            SystemOp::Spawn(t) => write!(f, "start the {t} thread"),
+        }
+    }
+}
+
+/// A thread of a lazy restore.
+///
+/// ```
+/// use page_pipe::lazy::{LazyError, LazyThread};
+/// let e = LazyError::Panicked { thread: LazyThread::Fault };
+/// assert!(e.to_string().contains("the fault thread panicked"));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LazyThread {
+    /// The thread that serves faults.
+    Fault,
+    /// A prefetch thread.
+    Prefetch,
+}
+
+impl fmt::Display for LazyThread {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LazyThread::Fault => "fault",
+            LazyThread::Prefetch => "prefetch",
+        })
+    }
 }
 
 impl fmt::Display for LazyError {
@@ -288,14 +353,40 @@ impl fmt::Display for LazyError {
                 "lazy restore: cannot pin the fault thread to CPU {cpu}: {}",
                 Name(*errno)
             ),
-            LazyError::System { what, errno } => {
-                write!(f, "lazy restore: cannot {what}: {}", Name(*errno))
+            LazyError::Discard { host, len, errno } => write!(
+                f,
+                "lazy restore: cannot discard the old contents of the destination \
+                 {host:#x}-{:#x} (madvise MADV_DONTNEED): {}{}; it was unregistered again",
+                host + len,
+                Name(*errno),
+                if *errno == Errno::INVAL {
+                    " (locked memory?)"
+                } else {
+                    ""
+                }
+            ),
+            LazyError::System { op, errno } => {
+                write!(f, "lazy restore: cannot {op}: {}", Name(*errno))
             }
             LazyError::Panicked { thread } => write!(
                 f,
                 "lazy restore: the {thread} thread panicked; the range was unregistered"
             ),
         }
+    }
+}
+
+impl LazyError {
+    /// Whether this is a page server request that found the connection broken by an
+    /// earlier failed request: an echo of that request's error, not a cause.
+    pub(super) fn is_echo(&self) -> bool {
+        matches!(
+            self,
+            LazyError::Remote {
+                error: ClientError::Broken { .. },
+                ..
+            }
+        )
     }
 }
 

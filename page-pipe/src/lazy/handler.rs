@@ -6,12 +6,16 @@
 //! This module opts in to `unsafe` (the crate denies it elsewhere but in the few modules
 //! DESIGN.md lists): it makes the kernel write into the destination. The promise it keeps:
 //! it writes only pages of the range [`LazyRestore::start`](super::LazyRestore::start)
-//! was handed (whose caller promised they are its to fill), only through the
-//! userfaultfd that range is registered with (the kernel refuses pages no longer
-//! registered with it, `ENOENT`), only pages not yet present (`UFFDIO_COPY` and
-//! `UFFDIO_ZEROPAGE` never replace a page: `EEXIST`), and only from buffers this module
-//! owns. Discarding the range's old contents at the start (`MADV_DONTNEED`) is the one
-//! write that replaces memory; the caller's contract covers it.
+//! was handed (whose caller promised they are its to fill), only pages not yet present
+//! (`UFFDIO_COPY` and `UFFDIO_ZEROPAGE` never replace a page: `EEXIST`), only while the
+//! range is registered, and only from buffers this module owns. The kernel fills pages
+//! only where *a* userfaultfd of the process registers them (`ENOENT` elsewhere); it
+//! does not check that it is the one the fill goes through. So once the restore ends
+//! and unregisters the range, a fill still under way fails, unless someone registered
+//! the range again meanwhile, which the caller promised not to do before the restore's
+//! threads are joined (`wait`, `stop`, drop). Discarding the range's old contents at the
+//! start (`MADV_DONTNEED`) is the one write that replaces memory; the caller's contract
+//! covers it.
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -22,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use page_pipe_sys::{CopyMode, Errno, PartialFill, Uffd, UffdEvent, ZeropageMode};
 
-use super::error::FillOp;
+use super::error::{FillOp, LazyThread};
 use super::source::{From, Plan, Reader, Who};
 use super::{LazyError, LazyReport};
 
@@ -175,8 +179,9 @@ impl Shared {
                 rustix::mm::Advice::LinuxDontNeed,
             )
         };
-        r.map_err(|errno| LazyError::System {
-            what: "discard the destination's old contents (madvise MADV_DONTNEED)",
+        r.map_err(|errno| LazyError::Discard {
+            host: self.host,
+            len: self.len,
             errno,
         })?;
         *self.started.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
@@ -243,16 +248,18 @@ impl Shared {
         let ps = self.ps;
         let mut off = 0usize;
         let mut again = 0;
+        let mut cap = usize::MAX;
         while off < src.len() {
             let page = p + (off / ps) as u64;
             let dst = self.host_of(page);
-            let len = src.len() - off;
+            let len = (src.len() - off).min(cap);
             // SAFETY:
             // - `dst..dst + len` is within the destination: `p` and the pages of `src`
             //   are within the range (the callers take them from the plan);
             // - the destination is the caller's to fill (`start`'s contract), and the
-            //   kernel fills only pages not present and registered with this
-            //   userfaultfd, so no byte anyone could have read is replaced;
+            //   kernel fills only pages not present in a range a userfaultfd registers:
+            //   ours until the restore ends, no other before its threads are joined
+            //   (`start`'s contract), so no byte anyone could have read is replaced;
             // - `src[off..]` is this thread's buffer, mapped and readable for the call.
             let r = unsafe {
                 self.uffd.copy(
@@ -271,6 +278,7 @@ impl Shared {
                 self.count(who, (done / ps) as u64);
                 self.mark(page, (done / ps) as u64);
                 off += done;
+                cap = usize::MAX;
             }
             match errno {
                 None if done > 0 => {}
@@ -282,6 +290,8 @@ impl Shared {
                     off += ps;
                 }
                 Some(Errno::AGAIN) if again < MAX_AGAIN => again += 1,
+                // Perhaps the pages cross from one mapping into the next.
+                Some(Errno::NOENT) if len > ps => cap = shorter(len, ps),
                 e => {
                     return Err(LazyError::Fill {
                         op: FillOp::Copy,
@@ -300,14 +310,16 @@ impl Shared {
         let ps = self.ps;
         let (mut at, end) = (p, p + n);
         let mut again = 0;
+        let mut cap = usize::MAX;
         while at < end {
-            let len = (end - at) as usize * ps;
+            let len = ((end - at) as usize * ps).min(cap);
             // SAFETY:
             // - pages `at..end` are within the destination (the callers take them from
             //   the plan);
             // - the destination is the caller's to fill (`start`'s contract), and the
-            //   kernel fills only pages not present and registered with this
-            //   userfaultfd.
+            //   kernel fills only pages not present in a range a userfaultfd registers:
+            //   ours until the restore ends, no other before its threads are joined
+            //   (`start`'s contract).
             let r = unsafe {
                 self.uffd.zeropage(
                     std::ptr::without_provenance_mut(self.host_of(at)),
@@ -324,6 +336,7 @@ impl Shared {
                 self.counts.zero_pages.fetch_add(done, Ordering::Relaxed);
                 self.mark(at, done);
                 at += done;
+                cap = usize::MAX;
             }
             match errno {
                 None if done > 0 => {}
@@ -333,6 +346,7 @@ impl Shared {
                     at += 1;
                 }
                 Some(Errno::AGAIN) if again < MAX_AGAIN => again += 1,
+                Some(Errno::NOENT) if len > ps => cap = shorter(len, ps),
                 e => {
                     return Err(LazyError::Fill {
                         op: FillOp::Zeropage,
@@ -395,7 +409,13 @@ impl Shared {
     /// told to stop, and waiters on the handle are woken.
     pub(super) fn finish(&self, end: End) {
         let mut st = self.ending();
-        if st.end.is_some() {
+        if let Some(first) = &st.end {
+            // A thread whose request found the page server connection broken by another
+            // thread's failed request may get here first: the cause is the other's.
+            let echo = matches!(first, End::Failed(e) if e.is_echo());
+            if echo && matches!(&end, End::Failed(e) if !e.is_echo()) {
+                st.end = Some(end);
+            }
             return;
         }
         self.stopping.store(true, Ordering::Release);
@@ -425,15 +445,20 @@ impl Shared {
         }
     }
 
+    /// Shuts the page server connection down (if any), waking a thread blocked on it.
+    pub(super) fn shut_down_source(&self) {
+        self.reader.shut_down();
+    }
+
     /// Whether the restore has ended.
     pub(super) fn is_finished(&self) -> bool {
         self.ending().end.is_some()
     }
 
-    /// Waits until the restore has ended, at most `timeout` (`None`: for ever). Returns
-    /// whether it has.
+    /// Waits until the restore has ended, at most `timeout` (`None`, or a timeout past
+    /// what an `Instant` can hold: for ever). Returns whether it has.
     pub(super) fn wait_end(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut st = self.ending();
         while st.end.is_none() {
             st = match deadline {
@@ -491,7 +516,7 @@ impl Shared {
     /// The fault thread: waits for faults and serves each, the faulting page first, then
     /// the rest of its run when no other fault waits.
     pub(super) fn serve_faults(self: &Arc<Self>, stop: OwnedFd, cfg: FaultConfig) {
-        let _guard = PanicGuard(self, "fault");
+        let _guard = PanicGuard(self, LazyThread::Fault);
         let ps = self.ps;
         let mut buf = vec![0u8; cfg.run as usize * ps];
         let mut events = Vec::with_capacity(64);
@@ -627,7 +652,7 @@ impl Shared {
     /// A prefetch thread: claims the next [`CLAIM`] pages of the range in address order
     /// until none is left, and brings those not yet in in, `step` pages at a time.
     pub(super) fn prefetch(self: &Arc<Self>, step: u64) {
-        let _guard = PanicGuard(self, "prefetch");
+        let _guard = PanicGuard(self, LazyThread::Prefetch);
         let mut buf = vec![0u8; step as usize * self.ps];
         loop {
             let first = self.next_claim.fetch_add(CLAIM, Ordering::AcqRel);
@@ -643,6 +668,16 @@ impl Shared {
     }
 }
 
+/// The length to try next after a fill of `len` bytes (more than a page) met `ENOENT`:
+/// half of it, whole pages. The kernel fills within one mapping a call and answers
+/// `ENOENT` for a range that crosses into the next one, and the destination may be
+/// several mappings (registered together); a range that is not registered any more
+/// (the restore ended) or not mapped gives `ENOENT` down to a single page, and that is
+/// the error.
+fn shorter(len: usize, ps: usize) -> usize {
+    (len / 2 / ps * ps).max(ps)
+}
+
 fn unexpected(event: u8) -> LazyError {
     LazyError::Unexpected { event }
 }
@@ -656,7 +691,7 @@ fn push(backlog: &mut VecDeque<(u64, u64)>, run: (u64, u64)) {
 
 /// Ends the restore if its thread panics, so that no faulting thread waits for a thread
 /// that is gone.
-struct PanicGuard<'a>(&'a Shared, &'static str);
+struct PanicGuard<'a>(&'a Shared, LazyThread);
 
 impl Drop for PanicGuard<'_> {
     fn drop(&mut self) {
@@ -664,5 +699,64 @@ impl Drop for PanicGuard<'_> {
             self.0
                 .finish(End::Failed(LazyError::Panicked { thread: self.1 }));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lazy::LazySource;
+    use crate::page_server::wire::Expected;
+    use crate::page_server::{ClientError, PageServerClient, Peer};
+
+    /// Two threads share the page server client: the one whose request failed breaks
+    /// it, and the other, asking next, gets `Broken`. Whichever ends the restore first,
+    /// its error is the cause, not the echo.
+    #[test]
+    fn the_cause_wins_over_the_broken_connection_it_left() {
+        let flags = page_pipe_sys::UffdFlags::NONBLOCK | page_pipe_sys::UffdFlags::USER_MODE_ONLY;
+        let Ok(uffd) = Uffd::open(flags) else {
+            eprintln!("SKIPPED the_cause_wins_over_the_broken_connection_it_left: no userfaultfd");
+            return;
+        };
+        let ps = crate::page_size();
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let client = PageServerClient::from_unix(ours).unwrap();
+        let (plan, reader) = LazySource::page_server(client, 1, [(0, 1)])
+            .prepare(0, 1, ps, false)
+            .unwrap();
+        let stop = page_pipe_sys::pipe().unwrap();
+        // Never registered: `finish` unregisters nothing.
+        let shared = Shared::new(uffd, ps, ps, ps, plan, reader, stop.write);
+        let peer = || Peer::Unix(None);
+        let echo = || LazyError::Remote {
+            vaddr: 0,
+            pages: 1,
+            error: ClientError::Broken { peer: peer() },
+        };
+        shared.finish(End::Failed(echo()));
+        shared.finish(End::Failed(LazyError::Remote {
+            vaddr: 0,
+            pages: 4,
+            error: ClientError::Closed {
+                peer: peer(),
+                expected: Expected::GetReply,
+                got: 0,
+            },
+        }));
+        shared.finish(End::Failed(echo()));
+        shared.finish(End::Stopped);
+        let end = shared.take_end();
+        assert!(
+            matches!(
+                end,
+                Some(End::Failed(LazyError::Remote {
+                    pages: 4,
+                    error: ClientError::Closed { .. },
+                    ..
+                }))
+            ),
+            "{end:?}"
+        );
     }
 }

@@ -50,10 +50,14 @@
 //! caller promises, from the call until the restore has ended ([`wait`](LazyRestore::wait)
 //! or [`stop`](LazyRestore::stop) returned, or the handle was dropped):
 //!
-//! - the range is fresh private anonymous memory that is the caller's to fill: whatever
-//!   it held is discarded at the start (`MADV_DONTNEED`), so no reference into it may be
-//!   alive across the call; no one else registers it with a userfaultfd (that would be
-//!   `EBUSY` anyway); it stays mapped, and is not discarded, moved or remapped meanwhile;
+//! - the range is fresh private anonymous memory (one mapping or several adjacent ones,
+//!   whatever their protections) that is the caller's to fill: whatever it held is
+//!   discarded at the start (`MADV_DONTNEED`), so no reference into it may be alive
+//!   across the call; no one else registers it with a userfaultfd (that is `EBUSY`
+//!   while the restore runs; once [`is_finished`](LazyRestore::is_finished) says it
+//!   ended, its threads may still be finishing a fill, which the kernel lets into a
+//!   range any userfaultfd of the process registers: not before `wait`, `stop` or the
+//!   drop returned); it stays mapped, and is not discarded, moved or remapped meanwhile;
 //!   and no thread touches it until `start` has returned;
 //! - the threads that fault in it are not the restore's dependencies: nothing the
 //!   restore's threads use lives there (the allocator's heap, a thread stack, a lock),
@@ -143,7 +147,10 @@
 //! page). [`wait`](LazyRestore::wait) returns the error; the program must not trust the
 //! memory. [`stop`](LazyRestore::stop), and dropping the handle, end a restore the same
 //! way (the report says how many pages were in), and also shut down the page server
-//! connection so that a thread waiting on it returns at once.
+//! connection so that a thread waiting on it returns at once (also one of a complete
+//! restore waiting for the server's answer to `CLOSE`). A page server that ends a
+//! session it finds idle fails a restore that asks for nothing for that long (prefetch
+//! off; see [`LazyOptions::prefetch`]).
 //!
 //! Pages the source does not hold are zeros (`UFFDIO_ZEROPAGE`), as an eager restore makes
 //! them, unless [`LazyOptions::strict`] refuses them before anything is registered. A
@@ -171,7 +178,7 @@ use std::time::Duration;
 use page_pipe_sys::{Errno, Uffd, UffdFeatures, UffdFlags, UffdIoctls};
 
 pub use crate::track::{Privilege, Via};
-pub use error::{FillOp, LazyError};
+pub use error::{FillOp, LazyError, LazyThread, SystemOp};
 pub use source::{LazySource, runs_held};
 
 use handler::{End, FaultConfig, Shared};
@@ -194,6 +201,10 @@ pub struct LazyOptions {
     pub fault_pages: u64,
     /// Bring every page in in the background, in address order (default true). Without
     /// it, pages come in only when touched, and the restore ends when every page has been.
+    /// From a page server that ends idle sessions (this crate's does after
+    /// [`ServerConfig::idle_timeout`](crate::page_server::ServerConfig::idle_timeout),
+    /// 60 s by default), a restore without prefetch fails when the program touches no new
+    /// page for that long: serve lazy restores without an idle timeout, or prefetch.
     pub prefetch: bool,
     /// Pages a prefetch thread reads and copies at a time (default 64: the median
     /// fault and the full pass measured the same from 16 to 256 here); at least 1.
@@ -327,9 +338,9 @@ fn pin(cpu: usize) -> Result<(), Errno> {
     sched_setaffinity(None, &set)
 }
 
-fn spawn_error(what: &'static str) -> impl FnOnce(std::io::Error) -> LazyError {
+fn spawn_error(thread: LazyThread) -> impl FnOnce(std::io::Error) -> LazyError {
     move |e| LazyError::System {
-        what,
+        op: SystemOp::Spawn(thread),
         errno: crate::track::io_errno(&e),
     }
 }
@@ -353,14 +364,16 @@ impl LazyRestore {
     /// `EFAULT`.
     ///
     /// # Errors
-    /// Nothing stays registered after an error, and the destination is as it was
-    /// (unless discarding its old contents itself failed, [`LazyError::System`]).
+    /// Nothing stays registered after an error, and the destination is as it was (but
+    /// for [`LazyError::Discard`] on a destination of several mappings, where the
+    /// mappings before the one that refused may have been discarded).
     /// [`LazyError::BadDestination`];
     /// [`LazyError::Plan`] or [`LazyError::NotHeld`] (a bad range, a broken chain, or a
     /// strict restore with pages no source holds); [`LazyError::NotAnonymous`];
     /// [`LazyError::Open`], [`LazyError::Privilege`], [`LazyError::Api`]: no suitable
     /// userfaultfd; [`LazyError::Register`], [`LazyError::Unsupported`];
-    /// [`LazyError::Pin`]; [`LazyError::System`] (a pipe or a thread could not be made).
+    /// [`LazyError::Discard`] (locked memory); [`LazyError::Pin`]; [`LazyError::System`]
+    /// (a pipe or a thread could not be made).
     #[allow(unsafe_code)] // declares the contract above; `handler` keeps its side of it
     pub unsafe fn start(
         source: LazySource,
@@ -380,7 +393,7 @@ impl LazyRestore {
         let (plan, reader) = source.prepare(vaddr, pages, ps, opts.strict)?;
 
         let maps = crate::track::maps::read_maps().map_err(|e| LazyError::System {
-            what: "read /proc/self/maps",
+            op: SystemOp::ReadMaps,
             errno: crate::track::io_errno(&e),
         })?;
         if !crate::track::maps::all_anon_private(&maps, host, end) {
@@ -395,7 +408,7 @@ impl LazyRestore {
         uffd.api(UffdFeatures::empty())
             .map_err(|errno| LazyError::Api { errno })?;
         let stop = page_pipe_sys::pipe().map_err(|errno| LazyError::System {
-            what: "make the fault thread's stop pipe",
+            op: SystemOp::StopPipe,
             errno,
         })?;
         let shared = Arc::new(Shared::new(uffd, host, len, ps, plan, reader, stop.write));
@@ -419,7 +432,7 @@ impl LazyRestore {
                     s.serve_faults(read, cfg);
                 }
             })
-            .map_err(spawn_error("start the fault thread"))?;
+            .map_err(spawn_error(LazyThread::Fault))?;
         let mut restore = LazyRestore {
             shared,
             fault: Some(fault),
@@ -438,7 +451,11 @@ impl LazyRestore {
                     errno,
                 });
             }
-            Err(_) => return Err(LazyError::Panicked { thread: "fault" }),
+            Err(_) => {
+                return Err(LazyError::Panicked {
+                    thread: LazyThread::Fault,
+                });
+            }
         }
         let ioctls = restore.shared.register()?;
         let needed = [
@@ -457,7 +474,7 @@ impl LazyRestore {
                 let t = std::thread::Builder::new()
                     .name("pp-lazy-fetch".into())
                     .spawn(move || s.prefetch(step))
-                    .map_err(spawn_error("start a prefetch thread"))?;
+                    .map_err(spawn_error(LazyThread::Prefetch))?;
                 restore.prefetch.push(t);
             }
         }
@@ -479,14 +496,17 @@ impl LazyRestore {
         self.shared.is_finished()
     }
 
-    /// Waits at most `timeout` for the restore to end; returns whether it has.
+    /// Waits at most `timeout` for the restore to end; returns whether it has. A
+    /// timeout too long to reach (`Duration::MAX`) waits as long as it takes.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         self.shared.wait_end(Some(timeout))
     }
 
     /// Waits until every page is in (or the restore failed), joins its threads and
     /// says what it did. With [`LazyOptions::prefetch`] off this waits until every page
-    /// has been touched.
+    /// has been touched. With a page server, a complete restore also waits for the
+    /// server's answer to `CLOSE` (at most the client's timeout); [`stop`](Self::stop)
+    /// does not.
     ///
     /// # Errors
     /// [`LazyError`] when the source or the userfaultfd failed; the range was
@@ -496,8 +516,10 @@ impl LazyRestore {
     }
 
     /// Stops the restore now (if it has not ended): the range is unregistered, threads
-    /// waiting on its faults are woken (pages not yet in read as zeros), the threads are
-    /// joined. Returns the report (`complete` says whether every page was in).
+    /// waiting on its faults are woken (pages not yet in read as zeros), the page server
+    /// connection (if any) is shut down, even while a complete restore closes its
+    /// session, and the threads are joined. Returns the report (`complete` says whether
+    /// every page was in).
     ///
     /// # Errors
     /// The restore's error, if it had failed before.
@@ -508,22 +530,27 @@ impl LazyRestore {
     fn end(&mut self, stop: bool) -> Result<LazyReport, LazyError> {
         if stop {
             self.shared.finish(End::Stopped);
+            // A restore that completed may be closing its page server session (`CLOSE`,
+            // waiting for the answer): a stop does not wait for the server either.
+            self.shared.shut_down_source();
         }
         self.shared.wait_end(None);
         let mut panicked = None;
-        let threads = self.fault.take().into_iter().map(|t| (t, "fault"));
-        let prefetch = self.prefetch.drain(..).map(|t| (t, "prefetch"));
+        let threads = self
+            .fault
+            .take()
+            .into_iter()
+            .map(|t| (t, LazyThread::Fault));
+        let prefetch = self.prefetch.drain(..).map(|t| (t, LazyThread::Prefetch));
         for (t, name) in threads.chain(prefetch).collect::<Vec<_>>() {
             if t.join().is_err() {
                 panicked = Some(name);
             }
         }
         let report = self.shared.report();
-        match self.shared.take_end() {
-            Some(End::Failed(e)) => Err(e),
-            _ if panicked.is_some() => Err(LazyError::Panicked {
-                thread: panicked.unwrap_or_default(),
-            }),
+        match (self.shared.take_end(), panicked) {
+            (Some(End::Failed(e)), _) => Err(e),
+            (_, Some(thread)) => Err(LazyError::Panicked { thread }),
             _ => Ok(report),
         }
     }

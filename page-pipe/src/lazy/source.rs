@@ -66,7 +66,9 @@ impl LazySource {
     /// The image's lazy pages (in `LAZY` entries without `PRESENT`, anywhere in its
     /// chain) from the page server `client` is connected to, asked for with `GET` under
     /// the image's id ([`Image::id`]), as CRIU's lazy-pages daemon asks the dumping host.
-    /// Without a page server those pages are zeros. Replaces a server given before.
+    /// Without a page server those pages are zeros. Replaces a server given before: on a
+    /// source made by [`page_server`](Self::page_server), the new server is asked for the
+    /// same image id and runs.
     ///
     /// ```no_run
     /// use page_pipe::image::Image;
@@ -78,12 +80,13 @@ impl LazySource {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn with_page_server(mut self, client: PageServerClient) -> Self {
-        let id = self.image.as_ref().map_or(0, |i| i.id());
-        self.server = Some(ServerSource {
-            client,
-            id,
-            held: None,
-        });
+        let (id, held) = match (&self.image, self.server.take()) {
+            (Some(image), _) => (image.id(), None),
+            (None, Some(before)) => (before.id, before.held),
+            // No constructor makes a source without both; held: nothing.
+            (None, None) => (0, Some(Vec::new())),
+        };
+        self.server = Some(ServerSource { client, id, held });
         self
     }
 
@@ -257,6 +260,12 @@ impl LazySource {
         strict: bool,
     ) -> Result<(Plan, Reader), LazyError> {
         let ps64 = ps as u64;
+        // `pages` comes from a length in bytes, so `pages * ps` does not overflow; the
+        // address and its end are checked here for every source (the image's plan checks
+        // them too, the page server's runs are planned below from them).
+        let len = pages * ps64;
+        crate::addr::PageRange::of_bytes(vaddr, len, ps)
+            .map_err(|_| LazyError::Plan(ImageError::BadRange { vaddr, len }))?;
         let mut plan = Plan { pieces: Vec::new() };
         match (&self.image, &self.server) {
             (Some(img), server) => {
@@ -287,7 +296,9 @@ impl LazySource {
                 let end = vaddr + pages * ps64;
                 let mut at = vaddr;
                 for (v, n) in runs {
-                    let (s, e) = (v.max(at), v.saturating_add(n * ps64).min(end));
+                    // A run may claim more pages than the address space holds: it then
+                    // holds everything from `v` on.
+                    let (s, e) = (v.max(at), v.saturating_add(n.saturating_mul(ps64)).min(end));
                     if s >= e {
                         continue;
                     }
