@@ -1020,8 +1020,10 @@ impl Uffd {
     /// thread's signal to end). Retries on `EINTR`.
     ///
     /// # Errors
-    /// The errno of `poll(2)`; `EBADF` when either descriptor reports an error or hangs up
-    /// without data.
+    /// The errno of `poll(2)`; `EBADF` when either descriptor is not open (`POLLNVAL`,
+    /// poll's own word for it). This userfaultfd polling as in error (no `UFFDIO_API`
+    /// handshake yet, or not non-blocking) gives `Ok(true)`, so that the read that follows
+    /// reports the kernel's own error; a stop descriptor in error counts as `stop`.
     ///
     /// # References
     /// - [`poll(2)`](https://man7.org/linux/man-pages/man2/poll.2.html)
@@ -1038,15 +1040,21 @@ impl Uffd {
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e),
             }
-            let bad = PollFlags::ERR | PollFlags::NVAL;
-            if !(fds[1].revents() & (PollFlags::IN | PollFlags::HUP)).is_empty() {
+            if fds[0].revents().contains(PollFlags::NVAL)
+                || fds[1].revents().contains(PollFlags::NVAL)
+            {
+                // poll's own answer for a descriptor that is not open.
+                return Err(Errno::BADF);
+            }
+            // The stop descriptor readable, hung up or in error: stop.
+            let stopped = PollFlags::IN | PollFlags::HUP | PollFlags::ERR;
+            if !(fds[1].revents() & stopped).is_empty() {
                 return Ok(false);
             }
-            if fds[0].revents().contains(PollFlags::IN) {
+            // A userfaultfd polls as in error before its UFFDIO_API handshake (or when it
+            // is not non-blocking): the read that follows gets the kernel's own answer.
+            if !(fds[0].revents() & (PollFlags::IN | PollFlags::ERR)).is_empty() {
                 return Ok(true);
-            }
-            if !(fds[0].revents() & bad).is_empty() || !(fds[1].revents() & bad).is_empty() {
-                return Err(Errno::BADF);
             }
         }
     }

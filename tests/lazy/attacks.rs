@@ -635,3 +635,23 @@ fn a_parent_changed_after_open() {
         }
     }
 }
+
+/// `prefetch_threads` past what the range can share out (here `usize::MAX` for 16 pages)
+/// runs one thread per claim instead of spawning until the system refuses.
+#[test]
+fn more_prefetch_threads_than_claims_are_not_spawned() {
+    if !have_uffd("more_prefetch_threads_than_claims_are_not_spawned") {
+        return;
+    }
+    let root = TempDir::new("lazy-many-threads");
+    let all = full_image(root.path(), 16);
+    let mut mem = fresh(16);
+    let source = LazySource::image(Image::open(root.path()).unwrap());
+    let opts = LazyOptions {
+        prefetch_threads: usize::MAX,
+        ..LazyOptions::default()
+    };
+    let r = start(source, BASE, &mut mem, &opts).unwrap();
+    check_report(&r.wait().unwrap(), 16);
+    assert!(mem[..] == all[..]);
+}

@@ -408,3 +408,24 @@ fn write_protect_faults_decode_with_their_flags() {
     drop(stop.write);
     assert!(!u.wait(&stop.read).unwrap());
 }
+
+/// `Uffd::wait` invents no errno: a userfaultfd before its `UFFDIO_API` handshake polls
+/// as in error, and `wait` hands over to the read, which gets the kernel's own `EINVAL`;
+/// a stop pipe whose writer is gone ends the wait (`Ok(false)`).
+#[test]
+fn waiting_on_a_userfaultfd_in_error_leaves_the_errno_to_the_kernel() {
+    let Some(u) = uffd("waiting_on_a_userfaultfd_in_error_leaves_the_errno_to_the_kernel") else {
+        return;
+    };
+    let stop = page_pipe_sys::pipe().unwrap();
+    assert_eq!(
+        u.wait(&stop.read),
+        Ok(true),
+        "no handshake yet: read to learn why"
+    );
+    let mut events = Vec::new();
+    assert_eq!(u.read_events(&mut events, 4), Err(Errno::INVAL));
+    u.api(UffdFeatures::empty()).unwrap();
+    drop(stop.write);
+    assert_eq!(u.wait(&stop.read), Ok(false), "the stop pipe hung up");
+}

@@ -137,8 +137,9 @@ pub enum LazyError {
         host: usize,
         /// Bytes asked for.
         len: usize,
-        /// The errno.
-        errno: Errno,
+        /// The errno; `None` when the kernel kept answering that it filled nothing,
+        /// with no error, past the retries.
+        errno: Option<Errno>,
     },
     /// Waiting for or reading the userfaultfd's events failed.
     Events {
@@ -330,16 +331,23 @@ impl fmt::Display for LazyError {
                 host,
                 len,
                 errno,
-            } => write!(
-                f,
-                "lazy restore: {op} of {len} bytes at {host:#x} failed: {}{}",
-                Name(*errno),
-                if *errno == Errno::NOENT {
-                    " (the destination was unmapped or unregistered under the restore)"
-                } else {
-                    ""
-                }
-            ),
+            } => match errno {
+                Some(errno) => write!(
+                    f,
+                    "lazy restore: {op} of {len} bytes at {host:#x} failed: {}{}",
+                    Name(*errno),
+                    if *errno == Errno::NOENT {
+                        " (the destination was unmapped or unregistered under the restore)"
+                    } else {
+                        ""
+                    }
+                ),
+                None => write!(
+                    f,
+                    "lazy restore: {op} of {len} bytes at {host:#x} filled nothing, \
+                     retry after retry"
+                ),
+            },
             LazyError::Events { errno } => write!(
                 f,
                 "lazy restore: cannot read the userfaultfd's events: {}",

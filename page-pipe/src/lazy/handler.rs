@@ -30,8 +30,9 @@ use super::error::{FillOp, LazyThread};
 use super::source::{From, Plan, Reader, Who};
 use super::{LazyError, LazyReport};
 
-/// Retries of a fill the kernel answers with `EAGAIN` (the mappings changed under it)
-/// before the restore gives up.
+/// Retries in a row of a fill the kernel answers with `EAGAIN` (the mappings changed
+/// under it) or with nothing filled, before the restore gives up; progress starts the
+/// count again.
 const MAX_AGAIN: u32 = 1000;
 
 /// The most runs left to bring in after faults that the fault thread keeps; older ones
@@ -43,7 +44,7 @@ const ZERO_STEP: u64 = 512;
 
 /// Pages a prefetch thread takes at a time (1 MiB of 4 KiB pages): the prefetch threads
 /// share the range out in address order, as the eager restore's threads share chunks.
-const CLAIM: u64 = 256;
+pub(super) const CLAIM: u64 = 256;
 
 /// How a restore ended.
 #[derive(Debug)]
@@ -279,9 +280,11 @@ impl Shared {
                 self.mark(page, (done / ps) as u64);
                 off += done;
                 cap = usize::MAX;
+                again = 0;
             }
             match errno {
                 None if done > 0 => {}
+                None | Some(Errno::AGAIN) if again < MAX_AGAIN => again += 1,
                 Some(Errno::EXIST) => {
                     // Another thread of the restore got there first: in already.
                     let at = p + (off / ps) as u64;
@@ -289,7 +292,6 @@ impl Shared {
                     self.mark(at, 1);
                     off += ps;
                 }
-                Some(Errno::AGAIN) if again < MAX_AGAIN => again += 1,
                 // Perhaps the pages cross from one mapping into the next.
                 Some(Errno::NOENT) if len > ps => cap = shorter(len, ps),
                 e => {
@@ -297,7 +299,7 @@ impl Shared {
                         op: FillOp::Copy,
                         host: self.host_of(p + (off / ps) as u64),
                         len: src.len() - off,
-                        errno: e.unwrap_or(Errno::IO),
+                        errno: e,
                     });
                 }
             }
@@ -337,22 +339,23 @@ impl Shared {
                 self.mark(at, done);
                 at += done;
                 cap = usize::MAX;
+                again = 0;
             }
             match errno {
                 None if done > 0 => {}
+                None | Some(Errno::AGAIN) if again < MAX_AGAIN => again += 1,
                 Some(Errno::EXIST) => {
                     let _ = self.uffd.wake(self.host_of(at), ps);
                     self.mark(at, 1);
                     at += 1;
                 }
-                Some(Errno::AGAIN) if again < MAX_AGAIN => again += 1,
                 Some(Errno::NOENT) if len > ps => cap = shorter(len, ps),
                 e => {
                     return Err(LazyError::Fill {
                         op: FillOp::Zeropage,
                         host: self.host_of(at),
                         len: (end - at) as usize * ps,
-                        errno: e.unwrap_or(Errno::IO),
+                        errno: e,
                     });
                 }
             }
