@@ -212,8 +212,10 @@ pub struct LazyOptions {
     /// Prefetch threads (default 1; at least 1, at most one per 1 MiB of the range).
     /// They share the range out 1 MiB at a time in address order, as the eager restore's
     /// threads do; more of them bring memory in sooner and take CPUs from the program
-    /// meanwhile (two measured 0.76-0.81x the eager restore on a full first-touch pass,
-    /// one 0.50-0.53x; see the README).
+    /// meanwhile. Measured on 2 CPUs (`bench -- --lazy`, 1 GiB): on a full sequential
+    /// first-touch pass two threads reached 0.76-0.83x the eager restore and one
+    /// 0.33-0.53x (slower when the touching thread overtakes the prefetch), but with two
+    /// the median fault waited 33 us instead of 5 us, both CPUs being busy: hence one.
     pub prefetch_threads: usize,
     /// Refuse a range with pages the source does not hold (in no entry, lazy pages
     /// without a page server, outside the runs a page server holds) before anything is
