@@ -54,10 +54,8 @@ pub fn write_raw_exact(
         let base = iov.base.wrapping_add(done).cast::<libc::c_void>();
         let len = (iov.len - done).min(0x7fff_f000);
         let n = match offset {
-            // SAFETY:
-            // - `fd` is an open descriptor borrowed for this call;
-            // - the kernel only reads `len` bytes at `base` (an unmapped address gives
-            //   EFAULT), so no Rust reference to that memory is made or needed.
+            // SAFETY: - `fd` is an open descriptor borrowed for this call;
+            // - the kernel only reads `len` bytes at `base` (unmapped: EFAULT), no reference.
             None => unsafe { libc::write(fd, base, len) },
             Some(off) => {
                 let Ok(at) = libc::off_t::try_from(off + done as u64) else {
@@ -144,10 +142,8 @@ pub unsafe fn read_raw_exact(
         let base = dst.wrapping_add(done).cast::<libc::c_void>();
         let n = (len - done).min(0x7fff_f000);
         let got = match offset {
-            // SAFETY:
-            // - `fd` is an open descriptor borrowed for this call;
-            // - the kernel writes at most `n` bytes at `base`, within the `len` bytes the
-            //   caller lets it write (an unmapped address gives EFAULT).
+            // SAFETY: - `fd` is an open descriptor borrowed for this call;
+            // - the kernel writes at most `n` bytes at `base`, inside what the caller allows.
             None => unsafe { libc::read(fd, base, n) },
             Some(off) => {
                 // An offset past `off_t` is one the kernel refuses with EINVAL.
@@ -227,10 +223,8 @@ pub unsafe fn recv_raw_exact(
     while done < len {
         let base = dst.wrapping_add(done).cast::<libc::c_void>();
         let n = (len - done).min(0x7fff_f000);
-        // SAFETY:
-        // - `fd` is an open descriptor borrowed for this call;
-        // - the kernel writes at most `n` bytes at `base`, within the `len` bytes the
-        //   caller lets it write (an unmapped address gives EFAULT).
+        // SAFETY: - `fd` is an open descriptor borrowed for this call;
+        // - the kernel writes at most `n` bytes at `base`, inside what the caller allows.
         let got = unsafe { libc::recv(fd, base, n, libc::MSG_WAITALL) };
         match got {
             0 => {
@@ -273,9 +267,7 @@ pub unsafe fn copy_from_raw(dst: &mut [u8], src: *const u8) {
     let words = dst.len() / 8;
     let (head, tail) = dst.split_at_mut(words * 8);
     for (i, chunk) in head.chunks_exact_mut(8).enumerate() {
-        // SAFETY:
-        // - `src + 8 * i .. + 8` is within the `dst.len()` readable bytes (the caller's
-        //   promise);
+        // SAFETY: - `src + 8 * i .. + 8` is within the readable bytes (caller's promise);
         // - a `[u8; 8]` has alignment 1, so any address is aligned for it.
         let w = unsafe { std::ptr::read_volatile(src.add(8 * i).cast::<[u8; 8]>()) };
         chunk.copy_from_slice(&w);

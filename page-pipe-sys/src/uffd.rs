@@ -502,10 +502,8 @@ impl UffdEvent {
                 if fd < 0 {
                     return UffdEvent::Unknown(msg);
                 }
-                // SAFETY: - the kernel installed descriptor `fd` in this process when it
-                //   handed the fork message to `read(2)`, for the reader to own;
-                // - the caller decodes each fork message once (this function's docs), so
-                //   nothing else owns or closes it.
+                // SAFETY: - the kernel installed `fd` for the reader of this fork message;
+                // - each fork message is decoded once (the docs): nothing else owns it.
                 let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
                 UffdEvent::Fork { uffd }
             }
